@@ -1,0 +1,69 @@
+"""The Python API: each function is one job the CLI offers, from paths and configs to saved results.
+
+>>> from slimformer import api, load_task_data
+>>> task = load_task_data("../shared/data/sst2")
+>>> api.finetune("minilm", task, FinetuneConfig(epochs=1), "runs/sst2-ft")   # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from slimformer import models
+from slimformer.evaluate import evaluate as _evaluate
+from slimformer.evaluate import torch_runner
+from slimformer.measure import measure_model
+from slimformer.stages.finetune import FinetuneConfig, clean_work_dir
+from slimformer.stages.finetune import finetune as _finetune
+from slimformer.tasks import TaskData
+
+
+def work_dir_for(out: str | os.PathLike) -> Path:
+    """Checkpoints of a job writing ``out`` live beside it, so a re-run of the same command resumes."""
+    out = Path(out)
+    return out.parent / f".{out.name}.work"
+
+
+def load_for_task(model: str | os.PathLike, task: TaskData) -> models.SlimModel:
+    """Load ``model`` with a head that fits ``task`` (a saved head must have the same labels)."""
+    return models.load(model, task.type, task.label_names)
+
+
+def finetune(model: str | os.PathLike, task: TaskData, config: FinetuneConfig, out: str | os.PathLike,
+             *, progress: bool = True) -> dict[str, Any]:
+    """Fine-tune, score the eval split, save to ``out`` (atomically) and return the summary."""
+    out = models.check_out_dir(out)
+    t0 = time.time()
+    slim = load_for_task(model, task)
+    work = work_dir_for(out)
+    summary = _finetune(slim, task, config, work, progress=progress)
+    quality = _evaluate(torch_runner(slim.model), slim.tokenizer, task, "eval", max_length=config.max_length,
+                        progress=progress)
+    slim.record["quality"] = {"eval": quality}
+    slim.record["data"] = task.describe()
+    models.save(slim, out)
+    clean_work_dir(work)
+    return {"out": str(out), "training": summary, "quality": quality, "seconds": time.time() - t0}
+
+
+def evaluate(model: str | os.PathLike, task: TaskData, split: str = "eval", *, batch_size: int = 64,
+             max_length: int = 128, bootstrap: int = 1000, progress: bool = False) -> dict[str, Any]:
+    """The task metric of a saved model on a split, with a bootstrap 95% interval."""
+    slim = load_for_task(model, task)
+    return _evaluate(torch_runner(slim.model), slim.tokenizer, task, split, batch_size=batch_size,
+                     max_length=max_length, bootstrap=bootstrap, progress=progress)
+
+
+def measure(model: str | os.PathLike, *, batch: int = 1, seq: int = 128, threads: int | None = None,
+            runs: int = 50, warmup: int = 10, task: str | None = None) -> dict[str, Any]:
+    """The cost card of a saved model (or a base model with a task head for ``task``)."""
+    path, is_local = models.resolve_model_path(model)
+    record = models.read_record(path) if is_local else {}
+    task_type = task or record.get("task", {}).get("type") or "sequence-classification"
+    labels = None if record.get("task") else ["0", "1"]
+    slim = models.load(model, task_type, labels)
+    return measure_model(slim.model, slim.tokenizer, batch=batch, seq=seq, threads=threads, runs=runs,
+                         warmup=warmup, folder=path if is_local and record else None)

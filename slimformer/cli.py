@@ -1,0 +1,210 @@
+"""The ``slimformer`` command: a thin typer layer over the Python API (no logic of its own).
+
+User errors print one line ``error: ...`` on stderr and exit with code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from slimformer.errors import SlimformerError
+
+app = typer.Typer(
+    name="slimformer",
+    help="Make a pretrained transformer small and fast for one task, with measured numbers.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+console = Console(stderr=True)
+out_console = Console()
+
+# ---- shared options --------------------------------------------------------------------------------
+ModelOpt = Annotated[str, typer.Option("--model", "-m", help="model: short name (minilm), folder or hub id org/name")]
+DataOpt = Annotated[str, typer.Option("--data", "-d", help="data folder (train.* + dev.*/test.*), file or hub id")]
+TaskOpt = Annotated[str | None, typer.Option(
+    "--task", help="sequence-classification | token-classification | causal-lm (inferred from the data if omitted)")]
+TextColOpt = Annotated[str | None, typer.Option("--text-column", help="text column of tsv/csv/jsonl data")]
+LabelColOpt = Annotated[str | None, typer.Option("--label-column", help="label column of tsv/csv/jsonl data")]
+LabelsOpt = Annotated[str | None, typer.Option("--labels", help="declared label set, comma-separated")]
+EvalSplitOpt = Annotated[str | None, typer.Option("--eval-split", help="held-out file to score: test or dev")]
+OutOpt = Annotated[Path, typer.Option("--out", "-o", help="output folder (written atomically)")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="print machine-readable JSON on stdout")]
+SeedOpt = Annotated[int, typer.Option("--seed", help="random seed")]
+MaxTrainOpt = Annotated[int | None, typer.Option("--max-train-examples", help="use only N training examples")]
+MaxEvalOpt = Annotated[int | None, typer.Option("--max-eval-examples", help="score only N examples")]
+
+
+def _task_data(data: str, task: str | None, text_column: str | None, label_column: str | None,
+               labels: str | None, eval_split: str | None = None, seed: int = 0,
+               max_train_examples: int | None = None, max_eval_examples: int | None = None):
+    from slimformer.tasks import TaskType, load_task_data
+
+    if task is not None:
+        try:
+            task = TaskType(task)
+        except ValueError:
+            raise SlimformerError(f"unknown task '{task}'; use one of {', '.join(t.value for t in TaskType)}") from None
+    label_list = [x.strip() for x in labels.split(",")] if labels else None
+    return load_task_data(data, task, text_column=text_column, label_column=label_column, labels=label_list,
+                          eval_split=eval_split, seed=seed, max_train_examples=max_train_examples,
+                          max_eval_examples=max_eval_examples)
+
+
+def _config(cls, **values: Any):
+    """Build a stage config; pydantic errors become one line naming the field and the fix."""
+    from pydantic import ValidationError
+
+    try:
+        return cls(**{k: v for k, v in values.items() if v is not None})
+    except ValidationError as e:
+        err = e.errors()[0]
+        field = ".".join(str(x) for x in err["loc"])
+        raise SlimformerError(f"invalid setting {field}={err.get('input')!r}: {err['msg']}") from None
+
+
+def _print_json(obj: Any) -> None:
+    out_console.print_json(json.dumps(obj, default=str))
+
+
+# ---- commands --------------------------------------------------------------------------------------
+
+
+@app.command()
+def finetune(
+    model: ModelOpt = "minilm",
+    data: DataOpt = ...,
+    out: OutOpt = ...,
+    task: TaskOpt = None,
+    method: Annotated[str, typer.Option(help="full | lora | top-k")] = "full",
+    top_k: Annotated[int, typer.Option("--top-k", help="with --method top-k: layers to train")] = 2,
+    lora_r: Annotated[int, typer.Option(help="LoRA rank")] = 8,
+    epochs: Annotated[float, typer.Option(help="passes over the training data")] = 3.0,
+    lr: Annotated[float, typer.Option("--lr", help="peak learning rate")] = 5e-5,
+    batch_size: Annotated[int, typer.Option(help="training batch size")] = 32,
+    max_length: Annotated[int, typer.Option(help="truncate inputs to N tokens")] = 128,
+    evals_per_epoch: Annotated[int, typer.Option(help="tuning-split evaluations per epoch")] = 1,
+    precision: Annotated[str, typer.Option(help="auto (bf16 where fast) | bf16 | fp32")] = "auto",
+    report_to: Annotated[list[str] | None, typer.Option(help="tensorboard and/or mlflow")] = None,
+    max_train_examples: MaxTrainOpt = None,
+    max_eval_examples: MaxEvalOpt = None,
+    text_column: TextColOpt = None,
+    label_column: LabelColOpt = None,
+    labels: LabelsOpt = None,
+    eval_split: EvalSplitOpt = None,
+    seed: SeedOpt = 0,
+    json_out: JsonOpt = False,
+) -> None:
+    """Fine-tune a model on a task, keep the best checkpoint on the tuning split, score the eval split."""
+    from slimformer import api
+    from slimformer.models import check_out_dir
+    from slimformer.stages.finetune import FinetuneConfig
+
+    check_out_dir(out)
+    td = _task_data(data, task, text_column, label_column, labels, eval_split, seed, max_train_examples,
+                    max_eval_examples)
+    cfg = _config(FinetuneConfig, method=method, top_k=top_k, lora_r=lora_r, epochs=epochs, learning_rate=lr,
+                  batch_size=batch_size, max_length=max_length, evals_per_epoch=evals_per_epoch,
+                  precision=precision, report_to=report_to or [], seed=seed)
+    result = api.finetune(model, td, cfg, out)
+    _report_quality(result, json_out, title=f"fine-tuned model saved to {out}")
+
+
+@app.command()
+def evaluate(
+    model: ModelOpt = ...,
+    data: DataOpt = ...,
+    task: TaskOpt = None,
+    split: Annotated[str, typer.Option(help="train | tuning | eval")] = "eval",
+    batch_size: Annotated[int, typer.Option(help="inference batch size")] = 64,
+    max_length: Annotated[int, typer.Option(help="truncate inputs to N tokens")] = 128,
+    bootstrap: Annotated[int, typer.Option(help="bootstrap resamples for the 95% interval")] = 1000,
+    text_column: TextColOpt = None,
+    label_column: LabelColOpt = None,
+    labels: LabelsOpt = None,
+    eval_split: EvalSplitOpt = None,
+    max_eval_examples: MaxEvalOpt = None,
+    seed: SeedOpt = 0,
+    json_out: JsonOpt = False,
+) -> None:
+    """Score a model on a split with the task's metric and a bootstrap 95% interval."""
+    from slimformer import api
+
+    td = _task_data(data, task, text_column, label_column, labels, eval_split, seed,
+                    max_eval_examples=max_eval_examples)
+    result = api.evaluate(model, td, split=split, batch_size=batch_size, max_length=max_length,
+                          bootstrap=bootstrap, progress=not json_out)
+    _report_quality({"quality": result}, json_out, title=f"{model} on {td.eval_source if split == 'eval' else split}")
+
+
+@app.command()
+def measure(
+    model: ModelOpt = ...,
+    batch: Annotated[int, typer.Option("--batch", "-b", help="batch size")] = 1,
+    seq: Annotated[int, typer.Option("--seq", "-s", help="sequence length in tokens")] = 128,
+    threads: Annotated[int | None, typer.Option(help="intra-op threads (default: all cores)")] = None,
+    runs: Annotated[int, typer.Option(help="timed runs (at least 30)", min=30)] = 50,
+    warmup: Annotated[int, typer.Option(help="untimed warm-up runs")] = 10,
+    task: TaskOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Measure a model's cost card: size, parameters, FLOPs, latency p50/p95, throughput, memory."""
+    from slimformer import api
+
+    card = api.measure(model, batch=batch, seq=seq, threads=threads, runs=runs, warmup=warmup, task=task)
+    if json_out:
+        _print_json(card)
+        return
+    table = Table(title=f"cost card: {model}")
+    table.add_column("quantity")
+    table.add_column("value", justify="right")
+    for key in ("backend", "parameters", "nonzero_parameters", "size_mb", "flops", "batch", "seq", "threads",
+                "latency_ms_p50", "latency_ms_p95", "throughput_per_s", "peak_rss_mb"):
+        v = card.get(key)
+        table.add_row(key, f"{v:,.3f}" if isinstance(v, float) else f"{v:,}" if isinstance(v, int) else str(v))
+    hw = card["hardware"]
+    table.add_row("cpu", f"{hw['cpu']} [{' '.join(hw['cpu_flags'])}]")
+    out_console.print(table)
+    if card.get("note"):
+        out_console.print(f"[yellow]note:[/yellow] {card['note']}")
+
+
+def _report_quality(result: dict[str, Any], json_out: bool, title: str) -> None:
+    if json_out:
+        _print_json(result)
+        return
+    q = result["quality"]
+    lo, hi = q["ci95"]
+    out_console.print(f"[bold]{title}[/bold]")
+    out_console.print(f"{q['metric']} on {q['split']} ({q['n']} examples): [bold]{q['value']:.4f}[/bold] "
+                      f"(95% CI {lo:.4f}–{hi:.4f})")
+    others = {k: round(v, 4) for k, v in q.get("scores", {}).items() if k != q["metric"]}
+    if others:
+        out_console.print("  " + ", ".join(f"{k} {v}" for k, v in others.items()))
+    if "seconds" in result:
+        out_console.print(f"  wall time {result['seconds']:.0f} s")
+
+
+def main() -> None:
+    """Entry point: run the app; user errors become one line on stderr and exit code 2."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        app()
+    except SlimformerError as e:
+        console.print(f"[bold red]error:[/bold red] {e}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        console.print("interrupted; finished work is kept (checkpoints resume on the next run)")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

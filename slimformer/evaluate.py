@@ -1,0 +1,168 @@
+"""Quality: the task metric on a split, with a bootstrap 95% interval.
+
+Scoring goes through a *runner*: any callable that maps a padded batch (``input_ids``,
+``attention_mask``, maybe ``token_type_ids``) to logits. PyTorch models, quantized models and ONNX
+Runtime sessions are all scored by the same code, so their numbers are comparable.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+
+from slimformer.tasks import Collator, TaskData, TaskType, classification_scores, encode, entity_scores
+
+Runner = Callable[[dict[str, torch.Tensor]], torch.Tensor]
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def torch_runner(model: torch.nn.Module) -> Runner:
+    """Wrap a PyTorch model as a runner (inference mode, only the inputs the model takes)."""
+    import inspect
+
+    accepted = set(inspect.signature(model.forward).parameters)
+
+    @torch.inference_mode()
+    def run(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        inputs = {k: v for k, v in batch.items() if k in MODEL_INPUTS and k in accepted}
+        return model(**inputs).logits.float()
+
+    return run
+
+
+def _batches(features: list[dict[str, Any]], batch_size: int, pad_id: int):
+    # Sort by length so padding is small; keep the original positions to restore order.
+    order = sorted(range(len(features)), key=lambda i: len(features[i]["input_ids"]))
+    collate = Collator(pad_id)
+    for s in range(0, len(order), batch_size):
+        idx = order[s:s + batch_size]
+        yield idx, collate([{k: v for k, v in features[i].items() if k in MODEL_INPUTS} for i in idx])
+
+
+def predict(runner: Runner, features: list[dict[str, Any]], batch_size: int = 64, pad_id: int = 0,
+            progress: bool = False) -> list[np.ndarray]:
+    """Logits per example (unpadded for token tasks), in the order of ``features``."""
+    out: list[np.ndarray | None] = [None] * len(features)
+    it = _batches(features, batch_size, pad_id)
+    if progress:
+        from rich.progress import track
+
+        it = track(list(it), description="predicting", transient=True)
+    for idx, batch in it:
+        logits = runner(batch).detach().cpu().numpy()
+        for j, i in enumerate(idx):
+            n = len(features[i]["input_ids"])
+            out[i] = logits[j] if logits.ndim == 2 else logits[j, :n]
+    return out  # type: ignore[return-value]
+
+
+def _bootstrap(stat: Callable[[np.ndarray], float], n: int, rounds: int, seed: int) -> list[float]:
+    if n == 0 or rounds <= 0:
+        return [float("nan"), float("nan")]
+    rng = np.random.default_rng(seed)
+    values = [stat(rng.integers(0, n, n)) for _ in range(rounds)]
+    return [float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))]
+
+
+def evaluate(
+    runner: Runner,
+    tokenizer,
+    task: TaskData,
+    split: str = "eval",
+    *,
+    batch_size: int = 64,
+    max_length: int = 128,
+    stride: int | None = None,
+    bootstrap: int = 1000,
+    seed: int = 0,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Score ``runner`` on a split of ``task``. Returns the primary metric, its 95% bootstrap interval,
+    the other metrics and the number of examples."""
+    examples = task.split(split)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    if task.type == TaskType.CAUSAL_LM:
+        return perplexity(runner, tokenizer, examples, max_length=max_length, stride=stride,
+                          bootstrap=bootstrap, seed=seed, split=split)
+    features = encode(task, examples, tokenizer, max_length=max_length)
+    logits = predict(runner, features, batch_size=batch_size, pad_id=pad_id, progress=progress)
+
+    if task.type == TaskType.SEQUENCE_CLASSIFICATION:
+        pred = np.array([int(np.argmax(row)) for row in logits])
+        gold = np.array([f["labels"] for f in features])
+        k = task.num_labels or int(max(gold.max(), pred.max()) + 1)
+        scores = classification_scores(pred, gold, k)
+        ci = _bootstrap(lambda idx: float((pred[idx] == gold[idx]).mean()), len(gold), bootstrap, seed)
+        return {"metric": "accuracy", "value": scores["accuracy"], "ci95": ci, "n": len(gold), "split": split,
+                "scores": scores}
+
+    # Token classification: a word's prediction is the label of its first sub-word; words cut off by
+    # truncation are predicted "O" (so they count against recall, as they should).
+    names = task.label_names or []
+    gold_tags, pred_tags = [], []
+    for f, ex, lg in zip(features, examples, logits, strict=True):
+        words = ["O"] * len(ex["tokens"])
+        prev = None
+        for pos, w in enumerate(f["word_ids"]):
+            if w >= 0 and w != prev:
+                words[w] = names[int(np.argmax(lg[pos]))]
+            prev = w
+        gold_tags.append(list(ex["tags"]))
+        pred_tags.append(words)
+    scores = entity_scores(gold_tags, pred_tags)
+    tp, n_pred, n_gold = _entity_counts(gold_tags, pred_tags)
+
+    def f1(idx: np.ndarray) -> float:
+        t, p, g = tp[idx].sum(), n_pred[idx].sum(), n_gold[idx].sum()
+        return 0.0 if t == 0 else float(2 * t / (p + g))
+
+    ci = _bootstrap(f1, len(tp), bootstrap, seed)
+    return {"metric": "f1", "value": scores["f1"], "ci95": ci, "n": len(gold_tags), "split": split, "scores": scores}
+
+
+def _entity_counts(gold: list[list[str]], pred: list[list[str]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-sentence (true positives, predicted entities, gold entities), strict IOB2, as seqeval counts them."""
+    from seqeval.scheme import IOB2, Entities
+
+    g = Entities(gold, IOB2).entities
+    p = Entities(pred, IOB2).entities
+    tp = np.array([len(set(a) & set(b)) for a, b in zip(g, p, strict=True)])
+    return tp, np.array([len(x) for x in p]), np.array([len(x) for x in g])
+
+
+def perplexity(runner: Runner, tokenizer, examples: list[dict[str, Any]], *, max_length: int = 512,
+               stride: int | None = None, bootstrap: int = 1000, seed: int = 0, split: str = "eval"
+               ) -> dict[str, Any]:
+    """Sliding-window perplexity (the Hugging Face recipe): windows of ``max_length`` tokens moved by
+    ``stride``; each token is scored once, with up to ``max_length - stride`` tokens of context."""
+    text = "\n\n".join(e["text"] for e in examples)
+    ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"])
+    stride = stride or max_length // 2
+    window_nll, window_count = [], []
+    prev_end = 0
+    for begin in range(0, len(ids), stride):
+        end = min(begin + max_length, len(ids))
+        target_len = end - prev_end
+        chunk = ids[begin:end].unsqueeze(0)
+        if chunk.shape[1] < 2:
+            break
+        logits = runner({"input_ids": chunk, "attention_mask": torch.ones_like(chunk)})
+        logp = torch.log_softmax(logits[0, :-1].float(), dim=-1)
+        tgt = chunk[0, 1:]
+        nll = -logp.gather(1, tgt.unsqueeze(1)).squeeze(1)
+        scored = nll[-target_len:] if target_len < nll.shape[0] else nll
+        window_nll.append(float(scored.sum()))
+        window_count.append(int(scored.shape[0]))
+        prev_end = end
+        if end == len(ids):
+            break
+    nll_arr, cnt_arr = np.array(window_nll), np.array(window_count)
+    ppl = math.exp(nll_arr.sum() / max(1, cnt_arr.sum()))
+    ci = _bootstrap(lambda idx: math.exp(nll_arr[idx].sum() / max(1, cnt_arr[idx].sum())), len(nll_arr),
+                    bootstrap, seed)
+    return {"metric": "perplexity", "value": ppl, "ci95": ci, "n": int(cnt_arr.sum()), "split": split,
+            "scores": {"perplexity": ppl, "nll_per_token": float(nll_arr.sum() / max(1, cnt_arr.sum()))}}

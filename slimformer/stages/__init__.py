@@ -1,0 +1,1 @@
+"""Stages: each a frozen config class plus a plain function ``(slim, task, config, ...) -> result``."""

@@ -1,0 +1,573 @@
+"""Tasks: what the examples look like, how they are batched, and how predictions are scored.
+
+Three task types sit behind one small interface (:class:`TaskData`):
+
+* ``sequence-classification``: tsv/csv/jsonl files (or a hub dataset id); metric accuracy + macro-F1.
+* ``token-classification``: CoNLL column files in IOB2 (or a hub id); metric seqeval entity F1, with each
+  word's label on its first sub-word.
+* ``causal-lm``: plain text; metric perplexity with a sliding window.
+
+Splits: ``train``; ``tuning``, carved from train with a fixed seed (later used by search and for
+best-checkpoint selection, never for the final claim); ``eval``, the held-out file (``test`` if present,
+else ``dev``/``valid``). The models never see the file format, only token ids.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from slimformer.errors import SlimformerError
+
+
+class TaskType(StrEnum):
+    SEQUENCE_CLASSIFICATION = "sequence-classification"
+    TOKEN_CLASSIFICATION = "token-classification"
+    CAUSAL_LM = "causal-lm"
+
+
+TEXT_COLUMN_GUESSES = ("sentence", "text", "sentence1", "review", "content", "document")
+LABEL_COLUMN_GUESSES = ("label", "labels", "sentiment", "class", "target")
+SPLIT_FILES = {
+    "train": ("train",),
+    "dev": ("dev", "valid", "validation", "val"),
+    "test": ("test",),
+}
+TABLE_SUFFIXES = (".tsv", ".csv", ".jsonl")
+
+
+@dataclass
+class TaskData:
+    """Examples of one task, split three ways, plus what the model head needs to know."""
+
+    type: TaskType
+    train: list[dict[str, Any]]
+    tuning: list[dict[str, Any]]
+    eval: list[dict[str, Any]]
+    label_names: list[str] | None = None
+    source: str = ""
+    eval_source: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_labels(self) -> int | None:
+        return len(self.label_names) if self.label_names else None
+
+    def split(self, name: str) -> list[dict[str, Any]]:
+        if name not in ("train", "tuning", "eval"):
+            raise SlimformerError(f"unknown split '{name}'; use one of train, tuning, eval")
+        return getattr(self, name)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "type": str(self.type),
+            "source": self.source,
+            "eval_source": self.eval_source,
+            "label_names": self.label_names,
+            "sizes": {"train": len(self.train), "tuning": len(self.tuning), "eval": len(self.eval)},
+        }
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading files
+# --------------------------------------------------------------------------------------------------
+
+
+def _read_table(path: Path) -> tuple[list[str], list[dict[str, Any]]]:
+    """Read a tsv/csv/jsonl file into (columns, rows). Malformed files raise a one-line error."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise SlimformerError(f"data file {path} is not UTF-8 text; re-save it as UTF-8") from None
+    if not text.strip():
+        raise SlimformerError(f"data file {path} is empty; give a file with a header and at least one row")
+    if path.suffix == ".jsonl":
+        rows = []
+        for i, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise SlimformerError(f"{path}:{i} is not valid JSON ({e.msg}); write one JSON object per line") from None
+            if not isinstance(row, dict):
+                raise SlimformerError(f"{path}:{i} is not a JSON object; write one object per line")
+            rows.append(row)
+        columns = sorted({k for r in rows for k in r})
+        return columns, rows
+    delimiter = "\t" if path.suffix == ".tsv" else ","
+    # QUOTE_NONE for tsv: GLUE files contain bare quotes inside sentences.
+    quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
+    reader = csv.reader(text.splitlines(), delimiter=delimiter, quoting=quoting)
+    header = next(reader)
+    columns = [c.strip() for c in header]
+    rows = []
+    for i, values in enumerate(reader, start=2):
+        if not values or all(not v.strip() for v in values):
+            continue
+        if len(values) != len(columns):
+            raise SlimformerError(
+                f"{path}:{i} has {len(values)} fields but the header has {len(columns)}; "
+                f"fix the row or the delimiter ('{'tab' if delimiter == chr(9) else delimiter}')"
+            )
+        rows.append(dict(zip(columns, values, strict=True)))
+    if not rows:
+        raise SlimformerError(f"data file {path} has a header but no rows; add examples")
+    return columns, rows
+
+
+def _pick_column(columns: Sequence[str], wanted: str | None, guesses: Sequence[str], what: str, path: Path,
+                 flag: str) -> str:
+    if wanted is not None:
+        if wanted not in columns:
+            raise SlimformerError(
+                f"data file {path} has no column '{wanted}' (columns: {', '.join(columns)}); pass {flag}"
+            )
+        return wanted
+    for g in guesses:
+        if g in columns:
+            return g
+    raise SlimformerError(
+        f"cannot tell the {what} column of {path} (columns: {', '.join(columns)}); pass {flag}"
+    )
+
+
+def _label_key(value: Any) -> str:
+    """Labels are compared as strings; ints and int-like strings ('1') are the same label."""
+    if isinstance(value, bool):
+        return str(int(value))
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value).strip()
+
+
+def _check_label_types(values: list[Any], path: Path) -> None:
+    kinds = set()
+    for v in values:
+        s = _label_key(v)
+        kinds.add("number" if s.lstrip("-").isdigit() else "text")
+    if len(kinds) > 1:
+        raise SlimformerError(
+            f"labels in {path} mix numbers and text; use one kind of label throughout the file"
+        )
+
+
+def _sort_labels(labels: set[str]) -> list[str]:
+    if all(label.lstrip("-").isdigit() for label in labels):
+        return sorted(labels, key=int)
+    return sorted(labels)
+
+
+def read_classification_file(path: Path, text_column: str | None, label_column: str | None,
+                             labels: list[str] | None = None) -> tuple[list[dict[str, Any]], list[str]]:
+    """Read one classification file; returns examples with the label as a string and the label set."""
+    columns, rows = _read_table(path)
+    tcol = _pick_column(columns, text_column, TEXT_COLUMN_GUESSES, "text", path, "--text-column")
+    lcol = _pick_column(columns, label_column, LABEL_COLUMN_GUESSES, "label", path, "--label-column")
+    raw = []
+    for i, r in enumerate(rows):
+        if r.get(lcol) in (None, ""):
+            raise SlimformerError(f"row {i + 1} of {path} has no label in column '{lcol}'; fill it in or drop the row")
+        if r.get(tcol) is None:
+            raise SlimformerError(f"row {i + 1} of {path} has no text in column '{tcol}'; fill it in or drop the row")
+        raw.append(r[lcol])
+    _check_label_types(raw, path)
+    found = {_label_key(v) for v in raw}
+    if labels is not None:
+        unknown = sorted(found - set(labels))
+        if unknown:
+            raise SlimformerError(
+                f"{path} has labels {unknown[:5]} outside the declared set {labels}; "
+                "fix the data or declare the labels with --labels"
+            )
+    examples = [{"text": str(r[tcol]).strip(), "label": _label_key(r[lcol])} for r in rows]
+    return examples, _sort_labels(found)
+
+
+def read_conll_file(path: Path) -> list[dict[str, Any]]:
+    """Read a CoNLL column file: token in the first column, IOB2 tag in the last; blank lines split
+    sentences; ``-DOCSTART-`` lines are skipped. Every token line must have as many fields as the first."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise SlimformerError(f"data file {path} is not UTF-8 text; re-save it as UTF-8") from None
+    sentences: list[dict[str, Any]] = []
+    tokens: list[str] = []
+    tags: list[str] = []
+    n_fields = None
+    for lineno, line in enumerate(lines, start=1):
+        if not line.strip():
+            if tokens:
+                sentences.append({"tokens": tokens, "tags": tags})
+                tokens, tags = [], []
+            continue
+        parts = line.split()
+        if parts[0] == "-DOCSTART-":
+            continue
+        if n_fields is None:
+            n_fields = len(parts)
+            if n_fields < 2:
+                raise SlimformerError(
+                    f"{path}:{lineno} has 1 field; a CoNLL line needs the token first and the tag last"
+                )
+        if len(parts) != n_fields:
+            raise SlimformerError(
+                f"{path}:{lineno} has {len(parts)} fields but earlier lines have {n_fields}; "
+                "fix the line (token first, tag last, separated by spaces)"
+            )
+        tokens.append(parts[0])
+        tags.append(parts[-1])
+    if tokens:
+        sentences.append({"tokens": tokens, "tags": tags})
+    if not sentences:
+        raise SlimformerError(f"data file {path} has no sentences; give a CoNLL file with token and tag columns")
+    for s in sentences:
+        for t in s["tags"]:
+            if t != "O" and not (t[:2] in ("B-", "I-") and len(t) > 2):
+                raise SlimformerError(
+                    f"{path} has tag '{t}', which is not IOB2 (O, B-X, I-X); convert the tags to IOB2"
+                )
+    return sentences
+
+
+CONLL_LABEL_ORDER = ("PER", "ORG", "LOC", "MISC")
+
+
+def conll_label_names(sentences: list[dict[str, Any]]) -> list[str]:
+    """O first, then B-/I- pairs; CoNLL-2003's types in the Hugging Face order, others alphabetically."""
+    types = {t[2:] for s in sentences for t in s["tags"] if t != "O"}
+    ordered = [t for t in CONLL_LABEL_ORDER if t in types] + sorted(types - set(CONLL_LABEL_ORDER))
+    names = ["O"]
+    for t in ordered:
+        names += [f"B-{t}", f"I-{t}"]
+    return names
+
+
+def read_text_file(path: Path) -> list[dict[str, Any]]:
+    text = path.read_text(encoding="utf-8")
+    if not text.strip():
+        raise SlimformerError(f"data file {path} is empty; give a plain-text file")
+    return [{"text": text}]
+
+
+# --------------------------------------------------------------------------------------------------
+# Finding files and the task type
+# --------------------------------------------------------------------------------------------------
+
+
+def _find_split_files(folder: Path) -> dict[str, Path]:
+    found: dict[str, Path] = {}
+    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    for split, stems in SPLIT_FILES.items():
+        for p in files:
+            if p.stem.lower() in stems and p.suffix in TABLE_SUFFIXES + (".txt",):
+                found.setdefault(split, p)
+    return found
+
+
+def _looks_like_conll(path: Path) -> bool:
+    with path.open(encoding="utf-8", errors="replace") as f:
+        for i, line in enumerate(f):
+            if i > 200:
+                break
+            parts = line.split()
+            if not parts or parts[0] == "-DOCSTART-":
+                continue
+            tag = parts[-1]
+            return len(parts) >= 2 and (tag == "O" or tag[:2] in ("B-", "I-"))
+    return False
+
+
+def infer_task_type(files: dict[str, Path]) -> TaskType:
+    first = files.get("train") or next(iter(files.values()))
+    if first.suffix in TABLE_SUFFIXES:
+        return TaskType.SEQUENCE_CLASSIFICATION
+    if _looks_like_conll(first):
+        return TaskType.TOKEN_CLASSIFICATION
+    return TaskType.CAUSAL_LM
+
+
+def _carve(examples: list[dict[str, Any]], fraction: float, max_size: int, seed: int
+           ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Split off a tuning set from train with a fixed seed (same seed, same split, every run)."""
+    n = len(examples)
+    n_tune = min(max_size, max(1, int(round(n * fraction)))) if n > 1 else 0
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    tune_idx = set(order[:n_tune])
+    train = [e for i, e in enumerate(examples) if i not in tune_idx]
+    tune = [e for i, e in enumerate(examples) if i in tune_idx]
+    return train, tune
+
+
+def load_task_data(
+    data: str | Path,
+    task: TaskType | str | None = None,
+    *,
+    text_column: str | None = None,
+    label_column: str | None = None,
+    labels: list[str] | None = None,
+    eval_split: str | None = None,
+    tuning_fraction: float = 0.05,
+    max_tuning: int = 2000,
+    seed: int = 0,
+    max_train_examples: int | None = None,
+    max_eval_examples: int | None = None,
+) -> TaskData:
+    """Load a task from a folder (``train.*`` + ``dev.*``/``test.*``), a single file, or a hub dataset id.
+
+    ``eval_split`` picks the evaluation file (``test`` or ``dev``); by default ``test`` if there is one,
+    else ``dev``. The tuning split is always carved from train, so the eval file stays unseen.
+    """
+    task = TaskType(task) if task is not None else None
+    path = Path(data)
+    if not path.exists():
+        if "/" in str(data) and not str(data).startswith((".", "/")) and len(Path(data).parts) == 2:
+            return _load_hub_dataset(str(data), task, text_column, label_column, seed, tuning_fraction,
+                                     max_tuning, max_train_examples, max_eval_examples)
+        raise SlimformerError(f"data path {data} does not exist; give a folder, a data file or a hub dataset id")
+    if path.is_dir():
+        files = _find_split_files(path)
+        if not files:
+            raise SlimformerError(
+                f"data folder {path} has no train/dev/test files (.tsv, .csv, .jsonl or .txt); "
+                "name them train.tsv, dev.tsv, ..."
+            )
+    else:
+        files = {"train": path}
+    inferred = infer_task_type(files)
+    task = task or inferred
+
+    if task == TaskType.CAUSAL_LM and "train" not in files:
+        # WikiText-2 here ships valid + test only: fine-tune/calibrate on valid, score on test.
+        if "dev" in files:
+            files["train"] = files.pop("dev")
+    if "train" not in files:
+        raise SlimformerError(f"data folder {path} has no train file; add train.tsv (or .csv/.jsonl/.txt)")
+
+    if eval_split is None:
+        eval_key = "test" if "test" in files else ("dev" if "dev" in files else None)
+    else:
+        if eval_split not in ("test", "dev"):
+            raise SlimformerError(f"unknown eval split '{eval_split}'; use test or dev")
+        if eval_split not in files:
+            raise SlimformerError(f"data folder {path} has no {eval_split} file; choose another --eval-split")
+        eval_key = eval_split
+
+    label_names: list[str] | None = None
+    if task == TaskType.SEQUENCE_CLASSIFICATION:
+        if files["train"].suffix not in TABLE_SUFFIXES:
+            raise SlimformerError(f"{files['train']} is not a .tsv/.csv/.jsonl table; sequence classification needs one")
+        train_all, found = read_classification_file(files["train"], text_column, label_column, labels)
+        label_names = list(labels) if labels else found
+        if len(label_names) < 2:
+            raise SlimformerError(f"{files['train']} has a single label {label_names}; classification needs two or more")
+        eval_examples = []
+        if eval_key:
+            eval_examples, _ = read_classification_file(files[eval_key], text_column, label_column, label_names)
+    elif task == TaskType.TOKEN_CLASSIFICATION:
+        if files["train"].suffix != ".txt" and not _looks_like_conll(files["train"]):
+            raise SlimformerError(f"{files['train']} is not a CoNLL column file; token classification needs one")
+        train_all = read_conll_file(files["train"])
+        label_names = list(labels) if labels else conll_label_names(train_all)
+        eval_examples = read_conll_file(files[eval_key]) if eval_key else []
+        known = set(label_names)
+        for name, exs in (("train", train_all), (eval_key, eval_examples)):
+            bad = sorted({t for s in exs for t in s["tags"]} - known)
+            if bad:
+                raise SlimformerError(
+                    f"the {name} file has tags {bad[:5]} outside the label set {label_names}; "
+                    "fix the data or declare the labels with --labels"
+                )
+    else:
+        train_all = read_text_file(files["train"])
+        eval_examples = read_text_file(files[eval_key]) if eval_key else []
+
+    if task == TaskType.CAUSAL_LM:
+        # Language modelling carves the tuning text from the end of the train text (no shuffling of
+        # characters); the eval text is the untouched held-out file.
+        text = train_all[0]["text"]
+        cut = int(len(text) * (1 - tuning_fraction))
+        train, tuning = [{"text": text[:cut]}], [{"text": text[cut:]}]
+    else:
+        train, tuning = _carve(train_all, tuning_fraction, max_tuning, seed)
+
+    if not eval_examples:
+        # A single file: carve the evaluation set from train too (a fixed seed, disjoint from tuning).
+        if task == TaskType.CAUSAL_LM:
+            text = train[0]["text"]
+            cut = int(len(text) * 0.9)
+            train, eval_examples = [{"text": text[:cut]}], [{"text": text[cut:]}]
+        else:
+            train, eval_examples = _carve(train, tuning_fraction, max_tuning, seed + 1)
+
+    if max_train_examples is not None and task != TaskType.CAUSAL_LM:
+        train = train[:max_train_examples]
+    if max_eval_examples is not None and task != TaskType.CAUSAL_LM:
+        eval_examples = eval_examples[:max_eval_examples]
+        tuning = tuning[:max_eval_examples]
+    return TaskData(
+        type=task, train=train, tuning=tuning, eval=eval_examples, label_names=label_names,
+        source=str(files["train"]), eval_source=str(files[eval_key]) if eval_key else "carved from train",
+    )
+
+
+def _load_hub_dataset(dataset_id: str, task: TaskType | None, text_column: str | None, label_column: str | None,
+                      seed: int, tuning_fraction: float, max_tuning: int, max_train: int | None,
+                      max_eval: int | None) -> TaskData:
+    """Load a Hugging Face hub dataset (needs network access to the hub)."""
+    try:
+        import datasets
+
+        ds = datasets.load_dataset(dataset_id)
+    except Exception as e:  # the hub is unreachable offline; say so in one line
+        raise SlimformerError(
+            f"could not load hub dataset '{dataset_id}' ({type(e).__name__}); check the id and network, "
+            "or give a local folder"
+        ) from None
+    train_rows = list(ds["train"])
+    eval_name = "test" if "test" in ds and "label" in ds["test"].column_names else "validation"
+    eval_rows = list(ds[eval_name]) if eval_name in ds else []
+    columns = ds["train"].column_names
+    if task == TaskType.TOKEN_CLASSIFICATION or (task is None and "ner_tags" in columns):
+        names = ds["train"].features["ner_tags"].feature.names
+        conv = [{"tokens": r["tokens"], "tags": [names[t] for t in r["ner_tags"]]} for r in train_rows]
+        ev = [{"tokens": r["tokens"], "tags": [names[t] for t in r["ner_tags"]]} for r in eval_rows]
+        train, tuning = _carve(conv, tuning_fraction, max_tuning, seed)
+        return TaskData(TaskType.TOKEN_CLASSIFICATION, train[:max_train], tuning, ev[:max_eval], list(names),
+                        source=dataset_id, eval_source=f"{dataset_id}:{eval_name}")
+    tcol = _pick_column(columns, text_column, TEXT_COLUMN_GUESSES, "text", Path(dataset_id), "--text-column")
+    lcol = _pick_column(columns, label_column, LABEL_COLUMN_GUESSES, "label", Path(dataset_id), "--label-column")
+    feat = ds["train"].features[lcol]
+    names = list(getattr(feat, "names", None) or _sort_labels({_label_key(r[lcol]) for r in train_rows}))
+
+    def conv(rows):
+        return [{"text": r[tcol], "label": names[r[lcol]] if hasattr(feat, "names") else _label_key(r[lcol])}
+                for r in rows]
+
+    train, tuning = _carve(conv(train_rows), tuning_fraction, max_tuning, seed)
+    return TaskData(TaskType.SEQUENCE_CLASSIFICATION, train[:max_train], tuning, conv(eval_rows)[:max_eval], names,
+                    source=dataset_id, eval_source=f"{dataset_id}:{eval_name}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Tokenisation and batching
+# --------------------------------------------------------------------------------------------------
+
+
+def encode(task: TaskData, examples: list[dict[str, Any]], tokenizer, max_length: int = 128,
+           stride: int | None = None) -> list[dict[str, Any]]:
+    """Turn examples into model features (lists of ids), ready for :func:`collate`."""
+    if task.type == TaskType.SEQUENCE_CLASSIFICATION:
+        label_id = {name: i for i, name in enumerate(task.label_names or [])}
+        enc = tokenizer([e["text"] for e in examples], truncation=True, max_length=max_length)
+        feats = []
+        for i, e in enumerate(examples):
+            f = {k: enc[k][i] for k in enc}
+            f["labels"] = label_id[e["label"]]
+            feats.append(f)
+        return feats
+    if task.type == TaskType.TOKEN_CLASSIFICATION:
+        label_id = {name: i for i, name in enumerate(task.label_names or [])}
+        enc = tokenizer([e["tokens"] for e in examples], is_split_into_words=True, truncation=True,
+                        max_length=max_length)
+        feats = []
+        for i, e in enumerate(examples):
+            word_ids = enc.word_ids(i)
+            labels, prev = [], None
+            for w in word_ids:
+                # Only a word's first sub-word carries its label; the rest (and specials) are ignored.
+                labels.append(-100 if w is None or w == prev else label_id[e["tags"][w]])
+                prev = w
+            f = {k: enc[k][i] for k in enc}
+            f["labels"] = labels
+            f["word_ids"] = [-1 if w is None else w for w in word_ids]
+            feats.append(f)
+        return feats
+    # Causal LM: one long token stream cut into blocks; for evaluation use :func:`perplexity` instead.
+    ids: list[int] = []
+    for e in examples:
+        ids += tokenizer(e["text"], add_special_tokens=False)["input_ids"]
+    step = stride or max_length
+    feats = []
+    for start in range(0, max(1, len(ids) - 1), step):
+        block = ids[start:start + max_length]
+        if len(block) < 2:
+            break
+        feats.append({"input_ids": block, "attention_mask": [1] * len(block), "labels": list(block)})
+    return feats
+
+
+def collate(features: list[dict[str, Any]], pad_token_id: int = 0) -> dict[str, Any]:
+    """Pad a batch to its own longest sequence (dynamic padding)."""
+    import torch
+
+    longest = max(len(f["input_ids"]) for f in features)
+    batch: dict[str, Any] = {}
+    for key in features[0]:
+        if key == "word_ids":
+            continue
+        values = [f[key] for f in features]
+        if isinstance(values[0], list):
+            fill = {"input_ids": pad_token_id, "labels": -100}.get(key, 0)
+            values = [v + [fill] * (longest - len(v)) for v in values]
+        batch[key] = torch.tensor(values)
+    return batch
+
+
+class Collator:
+    """A picklable collate function with the tokenizer's pad id bound (Trainer's data_collator)."""
+
+    def __init__(self, pad_token_id: int | None):
+        self.pad_token_id = pad_token_id if pad_token_id is not None else 0
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        return collate(features, self.pad_token_id)
+
+
+# --------------------------------------------------------------------------------------------------
+# Metrics
+# --------------------------------------------------------------------------------------------------
+
+
+def classification_scores(pred: np.ndarray, gold: np.ndarray, num_labels: int) -> dict[str, float]:
+    acc = float((pred == gold).mean()) if len(gold) else float("nan")
+    f1s = []
+    for c in range(num_labels):
+        tp = float(((pred == c) & (gold == c)).sum())
+        fp = float(((pred == c) & (gold != c)).sum())
+        fn = float(((pred != c) & (gold == c)).sum())
+        f1s.append(0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn))
+    return {"accuracy": acc, "macro_f1": float(np.mean(f1s))}
+
+
+def entity_scores(gold: list[list[str]], pred: list[list[str]]) -> dict[str, float]:
+    from seqeval.metrics import f1_score, precision_score, recall_score
+    from seqeval.scheme import IOB2
+
+    kw = {"mode": "strict", "scheme": IOB2, "zero_division": 0}
+    return {
+        "f1": float(f1_score(gold, pred, **kw)),
+        "precision": float(precision_score(gold, pred, **kw)),
+        "recall": float(recall_score(gold, pred, **kw)),
+    }
+
+
+PRIMARY_METRIC = {
+    TaskType.SEQUENCE_CLASSIFICATION: ("accuracy", "higher"),
+    TaskType.TOKEN_CLASSIFICATION: ("f1", "higher"),
+    TaskType.CAUSAL_LM: ("perplexity", "lower"),
+}
+
+
+def primary_metric(task_type: TaskType | str) -> tuple[str, str]:
+    """(name, 'higher'|'lower') of the metric that a task is judged by."""
+    return PRIMARY_METRIC[TaskType(task_type)]
