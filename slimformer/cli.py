@@ -5,6 +5,7 @@ User errors print one line ``error: ...`` on stderr and exit with code 2, never 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -75,6 +76,16 @@ def _print_json(obj: Any) -> None:
     out_console.print_json(json.dumps(obj, default=str))
 
 
+@contextlib.contextmanager
+def _stdout_for(json_out: bool):
+    """With --json, stdout carries only the JSON: everything libraries print goes to stderr meanwhile."""
+    if not json_out:
+        yield
+        return
+    with contextlib.redirect_stdout(sys.stderr):
+        yield
+
+
 # ---- commands --------------------------------------------------------------------------------------
 
 
@@ -114,7 +125,8 @@ def finetune(
     cfg = _config(FinetuneConfig, method=method, top_k=top_k, lora_r=lora_r, epochs=epochs, learning_rate=lr,
                   batch_size=batch_size, max_length=max_length, evals_per_epoch=evals_per_epoch,
                   precision=precision, report_to=report_to or [], seed=seed)
-    result = api.finetune(model, td, cfg, out)
+    with _stdout_for(json_out):
+        result = api.finetune(model, td, cfg, out, progress=not json_out)
     _report_quality(result, json_out, title=f"fine-tuned model saved to {out}")
 
 
@@ -140,8 +152,9 @@ def evaluate(
 
     td = _task_data(data, task, text_column, label_column, labels, eval_split, seed,
                     max_eval_examples=max_eval_examples)
-    result = api.evaluate(model, td, split=split, batch_size=batch_size, max_length=max_length,
-                          bootstrap=bootstrap, progress=not json_out)
+    with _stdout_for(json_out):
+        result = api.evaluate(model, td, split=split, batch_size=batch_size, max_length=max_length,
+                              bootstrap=bootstrap, progress=not json_out)
     _report_quality({"quality": result}, json_out, title=f"{model} on {td.eval_source if split == 'eval' else split}")
 
 
@@ -159,7 +172,8 @@ def measure(
     """Measure a model's cost card: size, parameters, FLOPs, latency p50/p95, throughput, memory."""
     from slimformer import api
 
-    card = api.measure(model, batch=batch, seq=seq, threads=threads, runs=runs, warmup=warmup, task=task)
+    with _stdout_for(json_out):
+        card = api.measure(model, batch=batch, seq=seq, threads=threads, runs=runs, warmup=warmup, task=task)
     if json_out:
         _print_json(card)
         return
@@ -175,6 +189,90 @@ def measure(
     out_console.print(table)
     if card.get("note"):
         out_console.print(f"[yellow]note:[/yellow] {card['note']}")
+
+
+@app.command()
+def serve(
+    model_dir: Annotated[Path, typer.Argument(help="saved slimformer model folder (or its ONNX export)")],
+    host: Annotated[str, typer.Option(help="address to listen on (0.0.0.0 exposes it to the network)")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port")] = 8000,
+    backend: Annotated[str, typer.Option(help="auto (ONNX Runtime if model.onnx is present) | torch | onnx")] = "auto",
+    batching: Annotated[bool, typer.Option("--batching/--no-batching", help="join concurrent requests")] = True,
+    max_batch: Annotated[int, typer.Option(help="most texts in one forward pass")] = 32,
+    max_wait_ms: Annotated[float, typer.Option(help="longest a request waits for others to join its batch")] = 5.0,
+    max_texts: Annotated[int, typer.Option(help="most texts per request")] = 64,
+    max_chars: Annotated[int, typer.Option(help="most characters per text")] = 5000,
+    max_body_bytes: Annotated[int, typer.Option(help="largest request body in bytes")] = 1_000_000,
+    max_length: Annotated[int, typer.Option(help="tokens per text the model sees")] = 128,
+    threads: Annotated[int | None, typer.Option(help="PyTorch intra-op threads (default: all cores)")] = None,
+    log_level: Annotated[str, typer.Option(help="uvicorn log level")] = "info",
+) -> None:
+    """Serve a model over HTTP: POST /predict, GET /health, /metadata, /metrics, /docs."""
+    from slimformer.serve import ServeConfig
+    from slimformer.serve import serve as _serve
+
+    cfg = _config(ServeConfig, backend=backend, batching=batching, max_batch=max_batch, max_wait_ms=max_wait_ms,
+                  max_texts=max_texts, max_chars=max_chars, max_body_bytes=max_body_bytes, max_length=max_length,
+                  threads=threads)
+    _serve(model_dir, cfg, host=host, port=port, log_level=log_level)
+
+
+@app.command()
+def prune(
+    model: ModelOpt = ...,
+    data: DataOpt = ...,
+    out: OutOpt = ...,
+    task: TaskOpt = None,
+    heads: Annotated[float, typer.Option(help="fraction of attention heads to remove, e.g. 0.4")] = 0.0,
+    ffn: Annotated[float, typer.Option(help="fraction of FFN neurons to remove, e.g. 0.4")] = 0.0,
+    layers: Annotated[int | None, typer.Option("--layers", help="keep only the bottom N layers")] = None,
+    drop_layers: Annotated[str | None, typer.Option(help="layer indices to remove, comma-separated: 4,5")] = None,
+    vocab: Annotated[bool, typer.Option("--vocab", help="keep only the tokens the training data uses")] = False,
+    vocab_corpus: Annotated[str | None, typer.Option(help="text file whose tokens define the kept vocabulary")] = None,
+    importance: Annotated[str, typer.Option(help="magnitude | taylor")] = "taylor",
+    importance_examples: Annotated[int, typer.Option(help="training examples for Taylor scores")] = 256,
+    scope: Annotated[str, typer.Option(help="global | per-layer")] = "global",
+    round_to: Annotated[int, typer.Option(help="round kept widths to multiples of 1, 8, 16 or 32")] = 1,
+    steps: Annotated[int, typer.Option(help="pruning rounds, each followed by recovery")] = 1,
+    recover: Annotated[str, typer.Option(help="recovery training: none | finetune | kd")] = "none",
+    unstructured: Annotated[float, typer.Option(help="fraction of block weights to zero by magnitude")] = 0.0,
+    unstructured_scope: Annotated[str, typer.Option(help="global | per-layer")] = "global",
+    epochs: Annotated[float, typer.Option(help="recovery passes over the training data per round")] = 1.0,
+    lr: Annotated[float, typer.Option("--lr", help="recovery learning rate")] = 5e-5,
+    batch_size: Annotated[int, typer.Option(help="training (and Taylor scoring) batch size")] = 32,
+    max_length: Annotated[int, typer.Option(help="truncate inputs to N tokens")] = 128,
+    precision: Annotated[str, typer.Option(help="auto (bf16 where fast) | bf16 | fp32")] = "auto",
+    max_train_examples: MaxTrainOpt = None,
+    max_eval_examples: MaxEvalOpt = None,
+    text_column: TextColOpt = None,
+    label_column: LabelColOpt = None,
+    labels: LabelsOpt = None,
+    eval_split: EvalSplitOpt = None,
+    seed: SeedOpt = 0,
+    json_out: JsonOpt = False,
+) -> None:
+    """Prune heads, FFN neurons, layers, vocabulary (and single weights), recover, score the eval split."""
+    from slimformer.models import check_out_dir
+    from slimformer.stages.prune import PruneConfig, prune_job
+
+    check_out_dir(out)
+    try:
+        dropped = tuple(int(x) for x in drop_layers.split(",") if x.strip()) if drop_layers else ()
+    except ValueError:
+        raise SlimformerError(f"--drop-layers {drop_layers!r} is not a list of layer indices; write e.g. 4,5") from None
+    cfg = _config(PruneConfig, heads=heads, ffn=ffn, keep_layers=layers, drop_layers=dropped, vocab=vocab,
+                  vocab_corpus=vocab_corpus, importance=importance, importance_examples=importance_examples,
+                  scope=scope, round_to=round_to, steps=steps, recover=recover, unstructured=unstructured,
+                  unstructured_scope=unstructured_scope, epochs=epochs, learning_rate=lr, batch_size=batch_size,
+                  max_length=max_length, precision=precision, max_train_examples=max_train_examples, seed=seed)
+    td = _task_data(data, task, text_column, label_column, labels, eval_split, seed, None, max_eval_examples)
+    result = prune_job(model, td, cfg, out, progress=not json_out)
+    if not json_out:
+        p = result["pruning"]
+        out_console.print(f"kept {p['plan']['layers']} layers, {p['plan']['heads']} heads, {p['plan']['neurons']} "
+                          f"FFN neurons, {p['plan']['vocab']} tokens; parameters {p['parameters_before']:,} -> "
+                          f"{p['parameters_after']:,} ({p['parameter_ratio']:.2f}x)")
+    _report_quality(result, json_out, title=f"pruned model saved to {out}")
 
 
 def _report_quality(result: dict[str, Any], json_out: bool, title: str) -> None:

@@ -141,25 +141,22 @@ def perplexity(runner: Runner, tokenizer, examples: list[dict[str, Any]], *, max
     ``stride``; each token is scored once, with up to ``max_length - stride`` tokens of context."""
     text = "\n\n".join(e["text"] for e in examples)
     ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"])
-    stride = stride or max_length // 2
+    # Each window scores the tokens [pos, end) and sees up to max_length tokens ending at `end`, so every
+    # token after the first is scored exactly once, with at least max_length - stride tokens of context.
+    stride = min(stride or max_length // 2, max_length - 1)
     window_nll, window_count = [], []
-    prev_end = 0
-    for begin in range(0, len(ids), stride):
-        end = min(begin + max_length, len(ids))
-        target_len = end - prev_end
+    pos = 1
+    while pos < len(ids):
+        end = min(max_length if pos == 1 else pos + stride, len(ids))
+        begin = max(0, end - max_length)
         chunk = ids[begin:end].unsqueeze(0)
-        if chunk.shape[1] < 2:
-            break
         logits = runner({"input_ids": chunk, "attention_mask": torch.ones_like(chunk)})
         logp = torch.log_softmax(logits[0, :-1].float(), dim=-1)
-        tgt = chunk[0, 1:]
-        nll = -logp.gather(1, tgt.unsqueeze(1)).squeeze(1)
-        scored = nll[-target_len:] if target_len < nll.shape[0] else nll
+        nll = -logp.gather(1, chunk[0, 1:].unsqueeze(1)).squeeze(1)  # nll[i] scores token begin + 1 + i
+        scored = nll[pos - begin - 1:]
         window_nll.append(float(scored.sum()))
         window_count.append(int(scored.shape[0]))
-        prev_end = end
-        if end == len(ids):
-            break
+        pos = end
     nll_arr, cnt_arr = np.array(window_nll), np.array(window_count)
     ppl = math.exp(nll_arr.sum() / max(1, cnt_arr.sum()))
     ci = _bootstrap(lambda idx: math.exp(nll_arr[idx].sum() / max(1, cnt_arr[idx].sum())), len(nll_arr),

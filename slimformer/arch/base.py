@@ -27,6 +27,9 @@ class ArchAdapter:
     ffn_field: str = "intermediate_size"
     vocab_field: str = "vocab_size"
     lora_targets: tuple[str, ...] = ()
+    # Modules (relative to the base model) that belong with the task head: trained in full by LoRA and
+    # top-k fine-tuning, e.g. BERT's pooler, which checkpoints such as all-MiniLM-L6-v2 do not even ship.
+    head_modules: tuple[str, ...] = ()
     # Linear layers (relative to the whole model) that read the vocabulary dimension, e.g. an LM head.
     vocab_heads: tuple[str, ...] = field(default_factory=tuple)
 

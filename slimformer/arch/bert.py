@@ -13,5 +13,6 @@ BERT = ArchAdapter(
     ffn_in=("intermediate.dense",),
     ffn_out="output.dense",
     embeddings="embeddings.word_embeddings",
+    head_modules=("pooler",),
     lora_targets=("query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"),
 )

@@ -212,10 +212,11 @@ def _freeze_below_top_k(slim: SlimModel, k: int) -> None:
     for layer in list(layers)[len(layers) - k:]:
         for p in layer.parameters():
             p.requires_grad_(True)
-    pooler = getattr(base, "pooler", None)
-    if pooler is not None:
-        for p in pooler.parameters():
-            p.requires_grad_(True)
+    for name in adapter.head_modules:
+        module = getattr(base, name, None)
+        if module is not None:
+            for p in module.parameters():
+                p.requires_grad_(True)
     # Everything outside the base model is the task head: always trained.
     base_ids = {id(p) for p in base.parameters()}
     for p in slim.model.parameters():
@@ -231,8 +232,12 @@ def _wrap_lora(slim: SlimModel, config: FinetuneConfig):
 
     peft_task = {TaskType.SEQUENCE_CLASSIFICATION: PeftTask.SEQ_CLS, TaskType.TOKEN_CLASSIFICATION: PeftTask.TOKEN_CLS,
                  TaskType.CAUSAL_LM: PeftTask.CAUSAL_LM}[slim.task_type]
+    adapter = adapter_for(slim.model)
+    base = adapter.base(slim.model)
+    extra = [name for name in adapter.head_modules if getattr(base, name, None) is not None]
     lora = LoraConfig(task_type=peft_task, r=config.lora_r, lora_alpha=config.lora_alpha,
-                      lora_dropout=config.lora_dropout, target_modules=list(adapter_for(slim.model).lora_targets))
+                      lora_dropout=config.lora_dropout, target_modules=list(adapter.lora_targets),
+                      modules_to_save=extra or None)
     return get_peft_model(slim.model, lora)
 
 

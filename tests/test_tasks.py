@@ -1,0 +1,121 @@
+from pathlib import Path
+
+import pytest
+
+from slimformer.errors import SlimformerError
+from slimformer.tasks import Collator, TaskType, encode, load_task_data
+from slimformer.testing import minilm_tokenizer, tiny_ner_task, write_sst2_folder
+
+
+def _write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def test_sst2_folder_infers_sequence_classification(tmp_path):
+    folder = write_sst2_folder(tmp_path / "sst", n=40)
+    td = load_task_data(folder)
+    assert td.type == TaskType.SEQUENCE_CLASSIFICATION
+    assert td.label_names == ["0", "1"]
+    assert len(td.train) + len(td.tuning) == 40
+    assert len(td.eval) == 20
+    assert all(not e["text"].endswith(" ") for e in td.train)  # GLUE's trailing space is stripped
+
+
+def test_tuning_split_is_fixed_and_disjoint(tmp_path):
+    rows = "\n".join(f"sentence number {i}\t{i % 2}" for i in range(200))
+    folder = tmp_path / "d"
+    _write(folder / "train.tsv", "sentence\tlabel\n" + rows + "\n")
+    a = load_task_data(folder, seed=0)
+    b = load_task_data(folder, seed=0)
+    c = load_task_data(folder, seed=1)
+    assert [e["text"] for e in a.tuning] == [e["text"] for e in b.tuning]
+    assert [e["text"] for e in a.tuning] != [e["text"] for e in c.tuning]
+    texts = lambda xs: {e["text"] for e in xs}  # noqa: E731
+    assert not texts(a.tuning) & texts(a.train)
+    assert not texts(a.eval) & texts(a.train) and not texts(a.eval) & texts(a.tuning)
+
+
+def test_csv_and_jsonl_with_named_columns(tmp_path):
+    _write(tmp_path / "c" / "train.csv", 'review,sentiment\n"good, really",pos\nbad,neg\nfine,pos\nawful,neg\n')
+    td = load_task_data(tmp_path / "c")
+    assert td.label_names == ["neg", "pos"] and td.train[0]["text"] in {"good, really", "bad", "fine", "awful"}
+    _write(tmp_path / "j" / "train.jsonl", '{"body": "x", "y": 1}\n{"body": "z", "y": 0}\n{"body": "w", "y": 1}\n')
+    td = load_task_data(tmp_path / "j", text_column="body", label_column="y")
+    assert td.label_names == ["0", "1"]
+
+
+@pytest.mark.parametrize(
+    "files, kwargs, message",
+    [
+        ({}, {}, "does not exist"),
+        ({"train.tsv": ""}, {}, "is empty"),
+        ({"train.tsv": "sentence\tlabel\n"}, {}, "no rows"),
+        ({"train.tsv": "words\tlabel\nhi\t1\nyo\t0\n"}, {}, "cannot tell the text column"),
+        ({"train.tsv": "sentence\tlabel\nhi\t1\nyo\t0\n"}, {"text_column": "body"}, "has no column 'body'"),
+        ({"train.tsv": "sentence\tlabel\nhi\t1\nyo\tcat\n"}, {}, "mix numbers and text"),
+        ({"train.tsv": "sentence\tlabel\nhi\t1\nyo\t2\n"}, {"labels": ["0", "1"]}, "outside the declared set"),
+        ({"train.tsv": "sentence\tlabel\nhi\t1\nyo\t0\n", "dev.tsv": "sentence\tlabel\nok\t7\n"}, {},
+         "outside the declared set"),
+        ({"train.tsv": "sentence\tlabel\nhi\t1\t3\n"}, {}, "has 3 fields"),
+        ({"train.jsonl": '{"text": "a", "label": 1}\n{oops\n'}, {}, "not valid JSON"),
+        ({"train.txt": "EU NNP B-NP B-ORG\nrejects VBZ B-VP\n"}, {}, "has 3 fields but earlier lines have 4"),
+        ({"train.txt": "EU NNP B-NP ORG\n"}, {"task": "token-classification"}, "not IOB2"),
+        ({"notes.md": "hello"}, {}, "no train/dev/test files"),
+    ],
+)
+def test_bad_data_gives_one_line_error(tmp_path, files, kwargs, message):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    for name, text in files.items():
+        _write(folder / name, text)
+    target = folder if files else tmp_path / "missing"
+    with pytest.raises(SlimformerError, match=message) as err:
+        load_task_data(target, **kwargs)
+    assert "\n" not in str(err.value)
+
+
+def test_conll_reader_and_first_subword_alignment(tmp_path):
+    text = "-DOCSTART- -X- -X- O\n\nEU NNP B-NP B-ORG\nrejects VBZ B-VP O\nGermanophobia NNP B-NP B-MISC\n\n" \
+           "Peter NNP B-NP B-PER\nBlackburn NNP I-NP I-PER\n"
+    _write(tmp_path / "n" / "train.txt", text)
+    _write(tmp_path / "n" / "test.txt", text)
+    td = load_task_data(tmp_path / "n", tuning_fraction=0.01)
+    assert td.type == TaskType.TOKEN_CLASSIFICATION
+    assert td.label_names == ["O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-MISC", "I-MISC"]
+    assert td.eval[0]["tokens"] == ["EU", "rejects", "Germanophobia"]
+    tok = minilm_tokenizer()
+    feats = encode(td, td.eval[:1], tok)
+    labels = feats[0]["labels"]
+    names = [td.label_names[x] for x in labels if x != -100]
+    assert names == ["B-ORG", "O", "B-MISC"]  # one label per word, on its first sub-word only
+    assert len(labels) > 5  # "germanophobia" splits into several sub-words, all but the first ignored
+
+
+def test_wikitext_style_folder_is_causal_lm(tmp_path):
+    _write(tmp_path / "w" / "valid.txt", " = Title = \n the cat sat on the mat .\n" * 20)
+    _write(tmp_path / "w" / "test.txt", " = Other = \n a dog ran .\n" * 5)
+    td = load_task_data(tmp_path / "w")
+    assert td.type == TaskType.CAUSAL_LM
+    assert td.eval[0]["text"].startswith(" = Other")
+    assert td.train[0]["text"] and td.tuning[0]["text"]
+
+
+def test_collate_pads_dynamically():
+    td = tiny_ner_task()
+    tok = minilm_tokenizer()
+    feats = encode(td, td.train[:2], tok)
+    batch = Collator(tok.pad_token_id)(feats)
+    longest = max(len(f["input_ids"]) for f in feats)
+    assert batch["input_ids"].shape == (2, longest)
+    assert (batch["labels"] == -100).sum() > 0
+    assert "word_ids" not in batch
+
+
+def test_shared_sst2_and_conll_counts(shared_data):
+    sst = load_task_data(Path(shared_data) / "sst2")
+    assert len(sst.train) + len(sst.tuning) == 67349 and len(sst.eval) == 872
+    conll = load_task_data(Path(shared_data) / "conll2003")
+    assert len(conll.train) + len(conll.tuning) == 14041 and len(conll.eval) == 3453
+    assert conll.label_names == ["O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC", "B-MISC", "I-MISC"]
