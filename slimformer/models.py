@@ -100,7 +100,7 @@ def resolve_model_path(name_or_path: str | os.PathLike) -> tuple[str, bool]:
         if not p.is_dir():
             raise SlimformerError(f"model path {p} is a file; give a model folder (with config.json)")
         if not (p / "config.json").exists():
-            raise SlimformerError(f"model folder {p} has no config.json; give a Hugging Face or slimformer model folder")
+            raise SlimformerError(f"model folder {p} has no config.json; give a Hugging Face or slimformer folder")
         has_st = any(p.glob("*.safetensors")) or (p / "model.safetensors.index.json").exists()
         if not has_st:
             if any(p.glob("*.bin")) or any(p.glob("*.pt")):
@@ -158,7 +158,8 @@ def load(
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         where = "folder" if is_local else "hub id"
-        raise SlimformerError(f"could not read the config of model {where} '{name_or_path}' ({str(e).splitlines()[0][:120]}); "
+        reason = str(e).splitlines()[0][:120]
+        raise SlimformerError(f"could not read the config of model {where} '{name_or_path}' ({reason}); "
                               "check the name, or use a local folder when offline") from None
 
     saved_labels = rec_task.get("label_names") or _head_labels(config)

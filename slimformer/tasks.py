@@ -97,7 +97,7 @@ def _read_table(path: Path) -> tuple[list[str], list[dict[str, Any]]]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise SlimformerError(f"{path}:{i} is not valid JSON ({e.msg}); write one JSON object per line") from None
+                raise SlimformerError(f"{path}:{i} is not valid JSON ({e.msg}); write one object per line") from None
             if not isinstance(row, dict):
                 raise SlimformerError(f"{path}:{i} is not a JSON object; write one object per line")
             rows.append(row)
@@ -346,10 +346,9 @@ def load_task_data(
     inferred = infer_task_type(files)
     task = task or inferred
 
-    if task == TaskType.CAUSAL_LM and "train" not in files:
+    if task == TaskType.CAUSAL_LM and "train" not in files and "dev" in files:
         # WikiText-2 here ships valid + test only: fine-tune/calibrate on valid, score on test.
-        if "dev" in files:
-            files["train"] = files.pop("dev")
+        files["train"] = files.pop("dev")
     if "train" not in files:
         raise SlimformerError(f"data folder {path} has no train file; add train.tsv (or .csv/.jsonl/.txt)")
 
@@ -365,11 +364,11 @@ def load_task_data(
     label_names: list[str] | None = None
     if task == TaskType.SEQUENCE_CLASSIFICATION:
         if files["train"].suffix not in TABLE_SUFFIXES:
-            raise SlimformerError(f"{files['train']} is not a .tsv/.csv/.jsonl table; sequence classification needs one")
+            raise SlimformerError(f"{files['train']} is not a .tsv/.csv/.jsonl table; classification needs one")
         train_all, found = read_classification_file(files["train"], text_column, label_column, labels)
         label_names = list(labels) if labels else found
         if len(label_names) < 2:
-            raise SlimformerError(f"{files['train']} has a single label {label_names}; classification needs two or more")
+            raise SlimformerError(f"{files['train']} has one label {label_names}; classification needs two or more")
         eval_examples = []
         if eval_key:
             eval_examples, _ = read_classification_file(files[eval_key], text_column, label_column, label_names)
