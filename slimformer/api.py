@@ -49,6 +49,25 @@ def finetune(model: str | os.PathLike, task: TaskData, config: FinetuneConfig, o
     return {"out": str(out), "training": summary, "quality": quality, "seconds": time.time() - t0}
 
 
+def distill(teacher: str | os.PathLike, task: TaskData, config: DistillConfig, out: str | os.PathLike,
+            *, progress: bool = True) -> dict[str, Any]:
+    """Build a student with fewer layers from ``teacher``, distil it on ``task``, score and save it."""
+    from slimformer.stages.distill import distill as _distill
+
+    out = models.check_out_dir(out)
+    t0 = time.time()
+    teacher_slim = load_for_task(teacher, task)
+    work = work_dir_for(out)
+    student, summary = _distill(teacher_slim, task, config, work, progress=progress)
+    quality = _evaluate(torch_runner(student.model), student.tokenizer, task, "eval", max_length=config.max_length,
+                        progress=progress)
+    student.record["quality"] = {"eval": quality}
+    student.record["data"] = task.describe()
+    models.save(student, out)
+    clean_work_dir(work)
+    return {"out": str(out), "training": summary, "quality": quality, "seconds": time.time() - t0}
+
+
 def evaluate(model: str | os.PathLike, task: TaskData, split: str = "eval", *, batch_size: int = 64,
              max_length: int = 128, bootstrap: int = 1000, progress: bool = False) -> dict[str, Any]:
     """The task metric of a saved model on a split, with a bootstrap 95% interval."""
