@@ -16,6 +16,7 @@ from slimformer import models
 from slimformer.evaluate import evaluate as _evaluate
 from slimformer.evaluate import torch_runner
 from slimformer.measure import measure_model
+from slimformer.stages.distill import DistillConfig
 from slimformer.stages.finetune import FinetuneConfig, clean_work_dir
 from slimformer.stages.finetune import finetune as _finetune
 from slimformer.tasks import TaskData
