@@ -131,6 +131,55 @@ def finetune(
 
 
 @app.command()
+def distill(
+    teacher: Annotated[str, typer.Option("--teacher", "-t", help="fine-tuned teacher folder")] = ...,
+    data: DataOpt = ...,
+    out: OutOpt = ...,
+    layers: Annotated[str, typer.Option(help="student depth (e.g. 3: evenly spaced) or teacher layers (0,2,4)")] = "3",
+    alpha: Annotated[float, typer.Option(help="weight of hard-label CE; 1.0 trains without the teacher")] = 0.5,
+    temperature: Annotated[float, typer.Option("--temperature", "-T", help="soft-target temperature")] = 2.0,
+    hidden_weight: Annotated[float, typer.Option(help="hidden-state MSE weight")] = 0.0,
+    attention_weight: Annotated[float, typer.Option(help="attention KL weight")] = 0.0,
+    cache_teacher: Annotated[bool, typer.Option(help="reuse teacher logits across epochs")] = False,
+    task: TaskOpt = None,
+    epochs: Annotated[float, typer.Option(help="passes over the training data")] = 3.0,
+    lr: Annotated[float, typer.Option("--lr", help="peak learning rate")] = 1e-4,
+    batch_size: Annotated[int, typer.Option(help="training batch size")] = 32,
+    max_length: Annotated[int, typer.Option(help="truncate inputs to N tokens")] = 128,
+    evals_per_epoch: Annotated[int, typer.Option(help="tuning-split evaluations per epoch")] = 1,
+    precision: Annotated[str, typer.Option(help="auto (bf16 where fast) | bf16 | fp32")] = "auto",
+    max_train_examples: MaxTrainOpt = None,
+    max_eval_examples: MaxEvalOpt = None,
+    text_column: TextColOpt = None,
+    label_column: LabelColOpt = None,
+    labels: LabelsOpt = None,
+    eval_split: EvalSplitOpt = None,
+    seed: SeedOpt = 0,
+    json_out: JsonOpt = False,
+) -> None:
+    """Distil a fine-tuned teacher into a student with fewer layers (initialised from the teacher's)."""
+    from slimformer import api
+    from slimformer.models import check_out_dir
+    from slimformer.stages.distill import DistillConfig
+
+    check_out_dir(out)
+    try:
+        layer_list = [int(x) for x in layers.split(",")] if "," in layers else None
+        depth = None if layer_list else int(layers)
+    except ValueError:
+        raise SlimformerError(f"--layers {layers!r} is neither a depth nor a comma-separated list; e.g. 3 or 0,2,4") from None
+    td = _task_data(data, task, text_column, label_column, labels, eval_split, seed, max_train_examples,
+                    max_eval_examples)
+    cfg = _config(DistillConfig, num_layers=depth, layers=layer_list, alpha=alpha, temperature=temperature,
+                  hidden_weight=hidden_weight, attention_weight=attention_weight, cache_teacher=cache_teacher,
+                  epochs=epochs, learning_rate=lr, batch_size=batch_size, max_length=max_length,
+                  evals_per_epoch=evals_per_epoch, precision=precision, seed=seed)
+    with _stdout_for(json_out):
+        result = api.distill(teacher, td, cfg, out, progress=not json_out)
+    _report_quality(result, json_out, title=f"student saved to {out}")
+
+
+@app.command()
 def evaluate(
     model: ModelOpt = ...,
     data: DataOpt = ...,
