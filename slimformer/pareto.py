@@ -1,0 +1,168 @@
+"""Candidates, budgets and the Pareto frontier: the pure logic of choosing a model.
+
+Every measured quantity knows whether higher or lower is better, so the frontier code is generic in the
+number of objectives, and a budget such as ``accuracy_drop<=1.0,latency_ms<=5`` is checked the same way
+for any quantity.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from slimformer.errors import SlimformerError
+
+Goal = Literal["min", "max"]
+
+# Quantities a search measures for every candidate, with their direction and unit. Quality drops are in
+# points (percentage points for accuracy/F1, relative percent for perplexity), against the baseline.
+QUANTITIES: dict[str, tuple[Goal, str, str]] = {
+    "quality": ("max", "", "the task metric (accuracy, F1) on the tuning split"),
+    "quality_drop": ("min", "points", "baseline metric minus candidate metric, x100"),
+    "accuracy_drop": ("min", "points", "baseline accuracy minus candidate accuracy, x100"),
+    "f1_drop": ("min", "points", "baseline entity F1 minus candidate F1, x100"),
+    "perplexity_increase": ("min", "%", "relative perplexity increase over the baseline"),
+    "latency_ms": ("min", "ms", "p50 latency at the measured batch and sequence length"),
+    "latency_ms_p95": ("min", "ms", "p95 latency"),
+    "throughput": ("max", "items/s", "items per second at the throughput batch"),
+    "size_mb": ("min", "MB", "weights on disk"),
+    "memory_mb": ("min", "MB", "peak resident memory while running"),
+    "parameters": ("min", "", "parameters (tied weights once)"),
+    "speedup": ("max", "x", "baseline latency / candidate latency"),
+    "compression": ("max", "x", "baseline size / candidate size"),
+}
+
+OBJECTIVES = {"latency": "latency_ms", "size": "size_mb", "throughput": "throughput", "memory": "memory_mb"}
+
+
+def goal_of(name: str) -> Goal:
+    if name not in QUANTITIES:
+        raise SlimformerError(f"unknown quantity '{name}'; use one of {', '.join(QUANTITIES)}")
+    return QUANTITIES[name][0]
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """One measured number: its value, unit, spread (e.g. a 95% interval half-width or std), sample count."""
+
+    value: float
+    unit: str = ""
+    spread: float | None = None
+    n: int | None = None
+    goal: Goal = "min"
+
+    def better_or_equal(self, other: Measurement) -> bool:
+        return self.value <= other.value if self.goal == "min" else self.value >= other.value
+
+    def strictly_better(self, other: Measurement) -> bool:
+        return self.value < other.value if self.goal == "min" else self.value > other.value
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A compressed model: how it was made, where it lives, and what was measured."""
+
+    name: str
+    params: dict[str, Any] = field(default_factory=dict)
+    path: str | None = None
+    measurements: dict[str, Measurement] = field(default_factory=dict)
+    notes: tuple[str, ...] = ()
+
+    def value(self, name: str) -> float:
+        return self.measurements[name].value
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "params": self.params, "path": self.path, "notes": list(self.notes),
+                "measurements": {k: vars(m) for k, m in self.measurements.items()}}
+
+    @staticmethod
+    def from_dict(d: dict[str, Any]) -> Candidate:
+        return Candidate(name=d["name"], params=d.get("params", {}), path=d.get("path"),
+                         measurements={k: Measurement(**m) for k, m in d.get("measurements", {}).items()},
+                         notes=tuple(d.get("notes", ())))
+
+
+def measurement(name: str, value: float, **kw: Any) -> Measurement:
+    goal, unit, _ = QUANTITIES.get(name, ("min", "", ""))
+    return Measurement(value=float(value), unit=kw.pop("unit", unit), goal=kw.pop("goal", goal), **kw)
+
+
+def dominates(a: Candidate, b: Candidate, objectives: Sequence[str]) -> bool:
+    """a dominates b: no worse in every objective and strictly better in at least one."""
+    ma, mb = [a.measurements[o] for o in objectives], [b.measurements[o] for o in objectives]
+    return all(x.better_or_equal(y) for x, y in zip(ma, mb, strict=True)) and any(
+        x.strictly_better(y) for x, y in zip(ma, mb, strict=True))
+
+
+def pareto_front(candidates: Iterable[Candidate], objectives: Sequence[str]) -> list[Candidate]:
+    """Candidates no other candidate dominates (ties and exact duplicates all stay on the front), in
+    input order. Candidates missing an objective or with a NaN value are left out."""
+    if not objectives:
+        raise SlimformerError("the Pareto front needs at least one objective")
+    pool = [c for c in candidates
+            if all(o in c.measurements and not math.isnan(c.measurements[o].value) for o in objectives)]
+    return [c for c in pool if not any(dominates(o, c, objectives) for o in pool if o is not c)]
+
+
+@dataclass(frozen=True)
+class Constraint:
+    quantity: str
+    op: Literal["<=", "<", ">=", ">", "=="]
+    bound: float
+
+    def holds(self, value: float) -> bool:
+        return {"<=": value <= self.bound, "<": value < self.bound, ">=": value >= self.bound,
+                ">": value > self.bound, "==": value == self.bound}[self.op]
+
+    def __str__(self) -> str:
+        return f"{self.quantity}{self.op}{self.bound:g}"
+
+
+_CONSTRAINT = re.compile(r"^\s*([a-z_0-9]+)\s*(<=|>=|==|<|>)\s*([-+]?[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*$")
+_NON_NEGATIVE = {"latency_ms", "latency_ms_p95", "throughput", "size_mb", "memory_mb", "parameters", "speedup",
+                 "compression"}
+
+
+def parse_budget(text: str | None) -> list[Constraint]:
+    """Parse ``"accuracy_drop<=1.0, latency_ms<=5"`` into constraints; a one-line error for anything else."""
+    if text is None or not text.strip():
+        return []
+    out = []
+    for part in re.split(r"[,;]| and ", text):
+        if not part.strip():
+            continue
+        m = _CONSTRAINT.match(part)
+        if not m:
+            raise SlimformerError(f"cannot read budget '{part.strip()}'; write e.g. accuracy_drop<=1.0")
+        name, op, number = m.group(1), m.group(2), float(m.group(3))
+        if name not in QUANTITIES:
+            raise SlimformerError(f"unknown budget quantity '{name}'; use one of {', '.join(QUANTITIES)}")
+        if op in ("<=", "<") and name in _NON_NEGATIVE and number <= 0:
+            raise SlimformerError(f"budget '{part.strip()}' is impossible ({name} is never negative); raise the bound")
+        if name.endswith("_drop") and op in ("<", "<=") and number < 0 and name != "quality_drop":
+            raise SlimformerError(f"budget '{part.strip()}' asks the compressed model to beat the baseline; "
+                                  "use a bound of 0 or more")
+        out.append(Constraint(name, op, number))  # type: ignore[arg-type]
+    return out
+
+
+def within_budget(c: Candidate, budget: Sequence[Constraint]) -> bool:
+    return all(k.quantity in c.measurements and k.holds(c.value(k.quantity)) for k in budget)
+
+
+def choose(candidates: Sequence[Candidate], budget: Sequence[Constraint], objective: str) -> Candidate | None:
+    """The best candidate under the budget for one objective (ties broken by quality, then name)."""
+    goal = goal_of(objective)
+    ok = [c for c in candidates if within_budget(c, budget) and objective in c.measurements]
+    if not ok:
+        return None
+    sign = 1 if goal == "min" else -1
+
+    def key(c: Candidate):
+        quality = c.measurements.get("quality")
+        return (sign * c.value(objective), -(quality.value if quality else 0.0), c.name)
+
+    return min(ok, key=key)
