@@ -284,6 +284,8 @@ def prune(
     round_to: Annotated[int, typer.Option(help="round kept widths to multiples of 1, 8, 16 or 32")] = 1,
     steps: Annotated[int, typer.Option(help="pruning rounds, each followed by recovery")] = 1,
     recover: Annotated[str, typer.Option(help="recovery training: none | finetune | kd")] = "none",
+    kd_alpha: Annotated[float, typer.Option(help="KD recovery: weight of the hard-label loss")] = 0.5,
+    kd_temperature: Annotated[float, typer.Option(help="KD recovery: softmax temperature")] = 2.0,
     unstructured: Annotated[float, typer.Option(help="fraction of block weights to zero by magnitude")] = 0.0,
     unstructured_scope: Annotated[str, typer.Option(help="global | per-layer")] = "global",
     epochs: Annotated[float, typer.Option(help="recovery passes over the training data per round")] = 1.0,
@@ -311,11 +313,13 @@ def prune(
         raise SlimformerError(f"--drop-layers {drop_layers!r} is not a list of layer indices; write e.g. 4,5") from None
     cfg = _config(PruneConfig, heads=heads, ffn=ffn, keep_layers=layers, drop_layers=dropped, vocab=vocab,
                   vocab_corpus=vocab_corpus, importance=importance, importance_examples=importance_examples,
-                  scope=scope, round_to=round_to, steps=steps, recover=recover, unstructured=unstructured,
+                  scope=scope, round_to=round_to, steps=steps, recover=recover, kd_alpha=kd_alpha,
+                  kd_temperature=kd_temperature, unstructured=unstructured,
                   unstructured_scope=unstructured_scope, epochs=epochs, learning_rate=lr, batch_size=batch_size,
                   max_length=max_length, precision=precision, max_train_examples=max_train_examples, seed=seed)
     td = _task_data(data, task, text_column, label_column, labels, eval_split, seed, None, max_eval_examples)
-    result = prune_job(model, td, cfg, out, progress=not json_out)
+    with _stdout_for(json_out):
+        result = prune_job(model, td, cfg, out, progress=not json_out)
     if not json_out:
         p = result["pruning"]
         out_console.print(f"kept {p['plan']['layers']} layers, {p['plan']['heads']} heads, {p['plan']['neurons']} "
