@@ -216,14 +216,6 @@ def neuron_count(layer: nn.Module, adapter: ArchAdapter) -> int:
     return 0 if isinstance(out, BiasOnly) else out.in_features
 
 
-def _has_path(module: nn.Module, path: str) -> bool:
-    try:
-        module.get_submodule(path)
-        return True
-    except AttributeError:
-        return False
-
-
 def _slice_heads(layer: nn.Module, adapter: ArchAdapter, head_dim: int, keep: list[int]) -> None:
     attn_path = _parent(adapter.query)
     out = layer.get_submodule(adapter.attn_out)
@@ -238,7 +230,7 @@ def _slice_heads(layer: nn.Module, adapter: ArchAdapter, head_dim: int, keep: li
         layer.set_submodule(path, slice_linear(layer.get_submodule(path), rows, dim=0))
     layer.set_submodule(adapter.attn_out, slice_linear(out, rows, dim=1))
     attn = layer.get_submodule(attn_path) if attn_path else layer
-    # The forward pass reshapes with -1 heads, but these attributes are read by other code (and by us).
+    # BERT's forward reshapes with -1 heads; these attributes are only read by other code, keep them true.
     if hasattr(attn, "num_attention_heads"):
         attn.num_attention_heads = len(keep)
     if hasattr(attn, "all_head_size"):
