@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from slimformer import models
+from slimformer.errors import SlimformerError
 from slimformer.evaluate import evaluate as _evaluate
 from slimformer.evaluate import torch_runner
 from slimformer.measure import measure_model
@@ -71,19 +72,67 @@ def distill(teacher: str | os.PathLike, task: TaskData, config: DistillConfig, o
 
 def evaluate(model: str | os.PathLike, task: TaskData, split: str = "eval", *, batch_size: int = 64,
              max_length: int = 128, bootstrap: int = 1000, progress: bool = False) -> dict[str, Any]:
-    """The task metric of a saved model on a split, with a bootstrap 95% interval."""
-    slim = load_for_task(model, task)
-    return _evaluate(torch_runner(slim.model), slim.tokenizer, task, split, batch_size=batch_size,
-                     max_length=max_length, bootstrap=bootstrap, progress=progress)
+    """The task metric of a saved model (PyTorch, quantized or ONNX folder) on a split, with a bootstrap 95%
+    interval."""
+    from slimformer.export import load_runner
+
+    runner, tokenizer = load_runner(model, task)
+    return _evaluate(runner, tokenizer, task, split, batch_size=batch_size, max_length=max_length,
+                     bootstrap=bootstrap, progress=progress)
 
 
 def measure(model: str | os.PathLike, *, batch: int = 1, seq: int = 128, threads: int | None = None,
-            runs: int = 50, warmup: int = 10, task: str | None = None) -> dict[str, Any]:
-    """The cost card of a saved model (or a base model with a task head for ``task``)."""
+            runs: int = 50, warmup: int = 10, task: str | None = None, flops: bool = True) -> dict[str, Any]:
+    """The cost card of a saved model (PyTorch, quantized or ONNX folder), or of a base model with a task
+    head for ``task``."""
+    from slimformer.export import is_onnx_folder, measure_onnx
+
+    if Path(model).is_dir() and is_onnx_folder(model):
+        return measure_onnx(model, batch=batch, seq=seq, threads=threads, warmup=warmup, runs=runs)
     path, is_local = models.resolve_model_path(model)
     record = models.read_record(path) if is_local else {}
     task_type = task or record.get("task", {}).get("type") or "sequence-classification"
     labels = None if record.get("task") else ["0", "1"]
     slim = models.load(model, task_type, labels)
     return measure_model(slim.model, slim.tokenizer, batch=batch, seq=seq, threads=threads, runs=runs,
-                         warmup=warmup, folder=path if is_local and record else None)
+                         warmup=warmup, folder=path if is_local and record else None, flops=flops)
+
+
+_CHILD = """
+import json, resource, sys
+import onnxruntime, transformers, torch  # imported before the baseline memory reading
+from slimformer import api, measure
+kw = json.loads(sys.argv[2])
+tb = kw.pop("throughput_batch")
+rss0 = measure.psutil.Process().memory_info().rss
+card = api.measure(sys.argv[1], **kw)
+card["throughput_batch_per_s"] = api.measure(sys.argv[1], **{**kw, "batch": tb, "runs": 30, "warmup": 2,
+                                                            "flops": False})["throughput_per_s"]
+card["throughput_batch"] = tb
+card["process_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+card["model_memory_mb"] = card["process_peak_rss_mb"] - rss0 / 2**20
+print("SLIMFORMER-CARD " + json.dumps(card, default=str))
+"""
+
+
+def measure_fresh(model: str | os.PathLike, *, batch: int = 1, seq: int = 128, threads: int | None = None,
+                  runs: int = 30, warmup: int = 5, throughput_batch: int = 32) -> dict[str, Any]:
+    """Measure in a new Python process, as ``slimformer measure`` does: nothing the caller did before
+    (training, other models in memory) affects the timing, and the peak memory is this model's alone.
+
+    ``model_memory_mb`` is the peak resident memory above what the process held after importing the
+    libraries: weights, activations and runtime buffers, comparable across PyTorch and ONNX Runtime."""
+    import json
+    import subprocess
+    import sys
+
+    kw = {"batch": batch, "seq": seq, "threads": threads, "runs": runs, "warmup": warmup, "flops": False,
+          "throughput_batch": throughput_batch}
+    env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+    proc = subprocess.run([sys.executable, "-c", _CHILD, str(model), json.dumps(kw)], capture_output=True,
+                          text=True, env=env)
+    for line in proc.stdout.splitlines()[::-1]:
+        if line.startswith("SLIMFORMER-CARD "):
+            return json.loads(line.removeprefix("SLIMFORMER-CARD "))
+    tail = (proc.stderr.strip().splitlines() or ["no output"])[-1][:200]
+    raise SlimformerError(f"measuring {model} in a fresh process failed ({tail}); run slimformer measure on it")

@@ -167,7 +167,7 @@ def distill(
         layer_list = [int(x) for x in layers.split(",")] if "," in layers else None
         depth = None if layer_list else int(layers)
     except ValueError:
-        raise SlimformerError(f"--layers {layers!r} is neither a depth nor a comma-separated list; e.g. 3 or 0,2,4") from None
+        raise SlimformerError(f"--layers {layers!r} is neither a depth nor a list; write e.g. 3 or 0,2,4") from None
     td = _task_data(data, task, text_column, label_column, labels, eval_split, seed, max_train_examples,
                     max_eval_examples)
     cfg = _config(DistillConfig, num_layers=depth, layers=layer_list, alpha=alpha, temperature=temperature,
@@ -326,6 +326,182 @@ def prune(
                           f"FFN neurons, {p['plan']['vocab']} tokens; parameters {p['parameters_before']:,} -> "
                           f"{p['parameters_after']:,} ({p['parameter_ratio']:.2f}x)")
     _report_quality(result, json_out, title=f"pruned model saved to {out}")
+
+
+def _seconds(text: str | None) -> float | None:
+    """'30m', '1h', '90s' or '600' -> seconds."""
+    if text is None:
+        return None
+    import re
+
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([smh]?)\s*", text)
+    if not m or float(m.group(1)) <= 0:
+        raise SlimformerError(f"cannot read time budget '{text}'; write e.g. 45m, 1h or 600s")
+    return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[m.group(2)]
+
+
+@app.command()
+def search(
+    model: ModelOpt = "minilm",
+    data: DataOpt = ...,
+    out: OutOpt = ...,
+    budget: Annotated[str, typer.Option(help="constraints, e.g. 'accuracy_drop<=1.0,latency_ms<=5'")] = (
+        "quality_drop<=1.0"),
+    objective: Annotated[str, typer.Option(help="latency | size | throughput | memory")] = "latency",
+    trials: Annotated[int, typer.Option(help="candidates to evaluate (references included)")] = 30,
+    time_budget: Annotated[str | None, typer.Option("--time-budget", help="stop new candidates after e.g. 45m")] = None,
+    strategy: Annotated[str, typer.Option(help="tpe | nsga2 | random | grid")] = "tpe",
+    storage: Annotated[str | None, typer.Option(help="Optuna storage URL (default: SQLite in --out)")] = None,
+    worker: Annotated[bool, typer.Option(help="join a shared study as an extra worker (no final report)")] = False,
+    space: Annotated[Path | None, typer.Option(help="YAML file with search-space settings")] = None,
+    batch: Annotated[int, typer.Option(help="latency batch size")] = 1,
+    seq: Annotated[int, typer.Option(help="latency sequence length")] = 128,
+    threads: Annotated[int | None, typer.Option(help="measurement threads (default: all cores)")] = None,
+    task: TaskOpt = None,
+    max_train_examples: MaxTrainOpt = None,
+    text_column: TextColOpt = None,
+    label_column: LabelColOpt = None,
+    labels: LabelsOpt = None,
+    eval_split: EvalSplitOpt = None,
+    seed: SeedOpt = 0,
+    json_out: JsonOpt = False,
+) -> None:
+    """Search distillation x pruning x quantization for the best model under a budget, and report it."""
+    import yaml
+
+    from slimformer.pareto import parse_budget
+    from slimformer.search import SearchConfig, SearchSpace, run_search
+
+    parse_budget(budget.replace("quality_drop", "accuracy_drop"))  # fail on a bad budget before any work
+    space_cfg = SearchSpace()
+    if space is not None:
+        if not space.is_file():
+            raise SlimformerError(f"search space file {space} does not exist; give a YAML file")
+        space_cfg = _config(SearchSpace, **(yaml.safe_load(space.read_text()) or {}))
+    cfg = _config(SearchConfig, objective=objective, budget=budget, trials=trials,
+                  time_budget_s=_seconds(time_budget), strategy=strategy, storage=storage, batch=batch, seq=seq,
+                  threads=threads, seed=seed,
+                  space=space_cfg)
+    td = _task_data(data, task, text_column, label_column, labels, eval_split, seed, max_train_examples)
+    with _stdout_for(json_out):
+        summary = run_search(model, td, cfg, out, worker=worker, progress=not json_out,
+                             log=lambda msg: console.print(msg, highlight=False))
+    if json_out:
+        _print_json(summary)
+    elif not worker:
+        out_console.print(f"report: {Path(out) / 'report.md'} and report.html; chosen model: {Path(out) / 'best'}")
+
+
+@app.command("run")
+def run_recipe(
+    recipe: Annotated[Path, typer.Argument(help="recipe YAML: model, data and an ordered list of stages")],
+    out: OutOpt = ...,
+    model: Annotated[str | None, typer.Option("--model", "-m", help="overrides the recipe's model")] = None,
+    data: Annotated[str | None, typer.Option("--data", "-d", help="overrides the recipe's data")] = None,
+    task: TaskOpt = None,
+    max_train_examples: MaxTrainOpt = None,
+    seed: SeedOpt = 0,
+    json_out: JsonOpt = False,
+) -> None:
+    """Run a recipe (finetune, distill, prune, quantize stages in order) and save the result."""
+    from slimformer.recipe import Recipe
+    from slimformer.recipe import run_recipe as _run
+
+    r = Recipe.from_yaml(recipe)
+    data = data or r.data
+    if data is None:
+        raise SlimformerError("the recipe names no data; add 'data:' to it or pass --data")
+    td = _task_data(data, task, None, None, None, None, seed, max_train_examples)
+    with _stdout_for(json_out):
+        result = _run(r, td, out, model=model, progress=not json_out)
+    _report_quality(result, json_out, title=f"recipe result saved to {out}")
+
+
+@app.command()
+def quantize(
+    model: ModelOpt = ...,
+    out: OutOpt = ...,
+    scheme: Annotated[str, typer.Option(help="torch-dynamic-int8 | torch-int8-weight-only | torch-int4-weight-only | "
+                                             "torch-int8-embeddings | bf16 | ort-dynamic-int8 | ort-static-int8 | "
+                                             "qat-int8")] = "ort-dynamic-int8",
+    data: Annotated[str | None, typer.Option("--data", "-d", help="task data: calibration / QAT training (train "
+                                                                  "split) and scoring (eval split)")] = None,
+    task: TaskOpt = None,
+    embeddings: Annotated[str, typer.Option(help="input embedding table: auto | int8 | keep")] = "auto",
+    group_size: Annotated[int, typer.Option(help="int4: input features per scale group")] = 32,
+    per_channel: Annotated[bool, typer.Option("--per-channel/--per-tensor", help="ort-*: weight scales")] = True,
+    calibration: Annotated[str, typer.Option(help="ort-static-int8: minmax | percentile | entropy")] = "percentile",
+    calibration_examples: Annotated[int, typer.Option(help="ort-static-int8: calibration examples")] = 256,
+    percentile: Annotated[float, typer.Option(help="percentile calibration: share of values covered")] = 99.999,
+    outlier_layers: Annotated[str, typer.Option(help="ort-static-int8, FFN down-projections: dynamic | static | "
+                                                     "float")] = "dynamic",
+    opset: Annotated[int, typer.Option(help="ort-*: ONNX opset")] = 18,
+    qat_target: Annotated[str, typer.Option(help="qat-int8: ort-dynamic-int8 | torch-dynamic-int8")] = (
+        "ort-dynamic-int8"),
+    epochs: Annotated[float, typer.Option(help="qat-int8: passes over the training data")] = 1.0,
+    lr: Annotated[float, typer.Option("--lr", help="qat-int8: peak learning rate")] = 1e-5,
+    batch_size: Annotated[int, typer.Option(help="qat-int8: training batch size")] = 32,
+    max_length: Annotated[int, typer.Option(help="truncate inputs to N tokens")] = 128,
+    max_train_examples: MaxTrainOpt = None,
+    max_eval_examples: MaxEvalOpt = None,
+    text_column: TextColOpt = None,
+    label_column: LabelColOpt = None,
+    labels: LabelsOpt = None,
+    eval_split: EvalSplitOpt = None,
+    seed: SeedOpt = 0,
+    json_out: JsonOpt = False,
+) -> None:
+    """Quantize a model (PyTorch or ONNX Runtime scheme, post-training or QAT), save it, score it."""
+    from slimformer.models import check_out_dir
+    from slimformer.stages.finetune import TrainConfig
+    from slimformer.stages.quantize import QuantizeConfig, quantize_job
+
+    check_out_dir(out)
+    qat = _config(TrainConfig, epochs=epochs, learning_rate=lr, batch_size=batch_size, max_length=max_length,
+                  max_train_examples=max_train_examples, seed=seed, warmup_ratio=0.0, evals_per_epoch=2)
+    cfg = _config(QuantizeConfig, scheme=scheme, embeddings=embeddings, group_size=group_size, per_channel=per_channel,
+                  calibration=calibration, calibration_examples=calibration_examples, percentile=percentile,
+                  outlier_layers=outlier_layers, opset=opset, max_length=max_length, qat_target=qat_target, qat=qat,
+                  seed=seed)
+    td = None
+    if data is not None:
+        td = _task_data(data, task, text_column, label_column, labels, eval_split, seed, max_train_examples,
+                        max_eval_examples)
+    elif cfg.needs_data:
+        raise SlimformerError(f"scheme {scheme} needs task data (calibration or training); pass --data")
+    with _stdout_for(json_out):
+        result = quantize_job(model, td, cfg, out, progress=not json_out)
+    saved = f"{scheme} model saved to {out} ({result['size_bytes'] / 1e6:.1f} MB)"
+    if json_out or "quality" in result:
+        _report_quality(result, json_out, title=saved)
+    else:
+        out_console.print(f"{saved}; pass --data to score it")
+    for note in result["quantization"].get("notes", []):
+        console.print(f"[yellow]note:[/yellow] {note}", highlight=False)
+
+
+@app.command()
+def export(
+    model: ModelOpt = ...,
+    fmt: Annotated[str, typer.Option("--format", "-f", help="export format: onnx")] = "onnx",
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="output folder (default: <model>-onnx)")] = None,
+    opset: Annotated[int, typer.Option(help="ONNX opset")] = 18,
+    atol: Annotated[float, typer.Option(help="largest logit difference to PyTorch that passes the check")] = 1e-4,
+    json_out: JsonOpt = False,
+) -> None:
+    """Export a saved model to ONNX (dynamic batch and sequence axes), checked against PyTorch."""
+    from slimformer.export import export_job
+
+    with _stdout_for(json_out):
+        result = export_job(model, fmt, out, opset=opset, atol=atol)
+    if json_out:
+        _print_json(result)
+        return
+    out_console.print(f"[bold]{result['format']} model saved to {result['out']}[/bold] "
+                      f"({result['size_bytes'] / 1e6:.1f} MB, opset {result['opset']}, inputs "
+                      f"{', '.join(result['inputs'])})")
+    out_console.print(f"  largest logit difference to PyTorch: {result['max_abs_diff']:.2e} "
+                      f"(atol {result['atol']:.0e})")
 
 
 def _report_quality(result: dict[str, Any], json_out: bool, title: str) -> None:

@@ -1,0 +1,552 @@
+"""Find the sweet spot: combine distillation, pruning and quantization, measure every candidate on this
+machine, and choose the best point under the user's budget.
+
+How a search runs (``run_search``):
+
+1. **Teacher.** The given model, fine-tuned first if it has no head for the task (cached in ``teacher/``).
+2. **Baseline.** The teacher in fp32 PyTorch, scored on the *tuning* split and measured.
+3. **Trials.** Optuna (multi-objective: quality drop and the chosen cost) picks a depth, head and FFN
+   ratios, vocabulary pruning and a precision/backend. Work is reused across trials: one distilled student
+   per depth, one pruned model per (depth, heads, ffn, vocab), one artifact per full parameter set, all
+   cached on disk by their parameters, so a retried or repeated trial costs nothing.
+4. **Choice.** The Pareto front over (cost, quality) and the best point under the budget, both on the tuning
+   split. The chosen point and the baseline are then scored once on the **eval** split, which no training
+   or search step has seen, with bootstrap intervals; the report says whether the budget still holds there.
+
+The study lives in a storage (SQLite in the output folder by default, any Optuna URL): a search killed and
+started again with the same command keeps every finished candidate and re-runs only the unfinished one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from slimformer import models
+from slimformer.errors import SlimformerError
+from slimformer.pareto import (
+    OBJECTIVES,
+    Candidate,
+    Constraint,
+    choose,
+    measurement,
+    pareto_front,
+    parse_budget,
+    within_budget,
+)
+from slimformer.stages.finetune import FinetuneConfig
+from slimformer.tasks import TaskData, TaskType, primary_metric
+
+
+class Precision(StrEnum):
+    FP32 = "fp32"  # PyTorch, float32
+    BF16 = "bf16"  # PyTorch, bfloat16 weights and compute
+    TORCH_INT8 = "torch-dynamic-int8"
+    ORT_FP32 = "ort-fp32"
+    ORT_INT8 = "ort-dynamic-int8"
+    ORT_STATIC_INT8 = "ort-static-int8"
+
+
+class Strategy(StrEnum):
+    TPE = "tpe"
+    NSGA2 = "nsga2"
+    RANDOM = "random"
+    GRID = "grid"
+
+
+class SearchSpace(BaseModel):
+    """What may be combined, and the training knobs of the stages that need training."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    depths: list[int] | None = Field(None, description="student depths; default: all, 2/3, 1/2 and 1/3 of the "
+                                                       "teacher's layers")
+    heads: list[float] = Field([0.0, 0.25, 0.5], description="fractions of attention heads to remove")
+    ffn: list[float] = Field([0.0, 0.5, 0.75], description="fractions of FFN neurons to remove")
+    vocab: list[bool] = Field([False, True], description="prune the vocabulary to the training corpus or not")
+    precisions: list[Precision] = Field(list(Precision), description="precisions/backends to try")
+    kd_epochs: float = Field(1.0, gt=0, le=20, description="distillation epochs for each student depth")
+    kd_max_examples: int | None = Field(20000, ge=1, description="training examples for distillation")
+    kd_learning_rate: float = Field(1e-4, gt=0, lt=1, description="distillation learning rate")
+    temperature: float = Field(2.0, gt=0, le=100, description="distillation temperature")
+    alpha: float = Field(0.5, ge=0, le=1, description="weight of hard labels in distillation")
+    recovery_epochs: float = Field(1.0, gt=0, le=20, description="KD recovery epochs after pruning")
+    recovery_max_examples: int | None = Field(4000, ge=1, description="training examples for recovery")
+    calibration_examples: int = Field(256, ge=1, le=100_000, description="static int8 calibration examples")
+
+    def resolved_depths(self, n_layers: int) -> list[int]:
+        if self.depths:
+            bad = [d for d in self.depths if not 1 <= d <= n_layers]
+            if bad:
+                raise SlimformerError(f"depths {bad} do not fit a {n_layers}-layer teacher; use 1..{n_layers}")
+            return sorted(set(self.depths), reverse=True)
+        return sorted({n_layers, max(1, round(n_layers * 2 / 3)), max(1, n_layers // 2), max(1, n_layers // 3)},
+                      reverse=True)
+
+    def size(self, n_layers: int) -> int:
+        return (len(self.resolved_depths(n_layers)) * len(self.heads) * len(self.ffn) * len(self.vocab)
+                * len(self.precisions))
+
+
+class SearchConfig(BaseModel):
+    """A search: objective, budget, strategy, limits and the measurement protocol."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    kind: Literal["search"] = "search"
+    objective: Literal["latency", "size", "throughput", "memory"] = Field(
+        "latency", description="the cost to minimise (throughput: maximise)")
+    budget: str = Field("quality_drop<=1.0", description="constraints on measured quantities, comma-separated")
+    trials: int = Field(30, ge=1, le=10_000, description="candidates to evaluate (including the references)")
+    time_budget_s: float | None = Field(None, gt=0, description="stop starting new candidates after this")
+    strategy: Strategy = Field(Strategy.TPE, description="Optuna sampler; grid enumerates the whole space")
+    storage: str | None = Field(None, description="Optuna storage URL; default SQLite in the output folder")
+    seed: int = Field(0, ge=0, description="random seed of the sampler and of training")
+    batch: int = Field(1, ge=1, le=1024, description="latency batch size")
+    seq: int = Field(128, ge=8, le=8192, description="latency sequence length")
+    throughput_batch: int = Field(32, ge=1, le=4096, description="batch size for throughput")
+    threads: int | None = Field(None, ge=1, description="threads for measurement (default: all cores)")
+    runs: int = Field(30, ge=30, le=10_000, description="timed runs per latency measurement")
+    space: SearchSpace = Field(default_factory=SearchSpace, description="what to combine")
+    finetune: FinetuneConfig = Field(default_factory=lambda: FinetuneConfig(epochs=2),
+                                     description="teacher fine-tuning if the model has no task head yet")
+
+
+# ------------------------------------------------------------------------------------------------------
+# Building candidates (cached on disk by their parameters)
+# ------------------------------------------------------------------------------------------------------
+
+
+def _fmt(x: float) -> str:
+    return f"{x:g}".replace(".", "p")
+
+
+class Builder:
+    """Makes the artifact of a parameter set, reusing every intermediate model it has made before."""
+
+    def __init__(self, out: Path, teacher_path: Path, task: TaskData, config: SearchConfig, progress: bool):
+        self.out, self.teacher_path, self.task, self.config, self.progress = out, teacher_path, task, config, progress
+        self.cache = out / "cache"
+        self.cache.mkdir(parents=True, exist_ok=True)
+        self._teacher: models.SlimModel | None = None
+
+    @property
+    def teacher(self) -> models.SlimModel:
+        if self._teacher is None:
+            self._teacher = models.load(self.teacher_path)
+        return self._teacher
+
+    def student(self, depth: int) -> Path:
+        from slimformer.api import work_dir_for
+        from slimformer.stages.distill import DistillConfig, distill
+
+        n = self.teacher.config.num_hidden_layers
+        if depth == n:
+            return self.teacher_path
+        path = self.cache / f"student-d{depth}"
+        if (path / models.RECORD_FILE).exists():
+            return path
+        sp = self.config.space
+        cfg = DistillConfig(num_layers=depth, alpha=sp.alpha, temperature=sp.temperature, epochs=sp.kd_epochs,
+                            learning_rate=sp.kd_learning_rate, max_train_examples=sp.kd_max_examples,
+                            seed=self.config.seed)
+        student, _ = distill(self.teacher, self.task, cfg, work_dir_for(path), progress=self.progress)
+        models.save(student, path)
+        shutil.rmtree(work_dir_for(path), ignore_errors=True)
+        return path
+
+    def pruned(self, depth: int, heads: float, ffn: float, vocab: bool) -> Path:
+        from slimformer.api import work_dir_for
+        from slimformer.stages.prune import PruneConfig, prune
+
+        student_path = self.student(depth)
+        if not (heads or ffn or vocab):
+            return student_path
+        path = self.cache / f"d{depth}-h{_fmt(heads)}-f{_fmt(ffn)}-v{int(vocab)}"
+        if (path / models.RECORD_FILE).exists():
+            return path
+        slim = models.load(student_path)
+        sp = self.config.space
+        structural = bool(heads or ffn)
+        cfg = PruneConfig(heads=heads, ffn=ffn, vocab=vocab, importance="taylor", round_to=8,
+                          recover="kd" if structural else "none", epochs=sp.recovery_epochs,
+                          learning_rate=sp.kd_learning_rate, max_train_examples=sp.recovery_max_examples,
+                          seed=self.config.seed)
+        # Recovery learns from the fine-tuned teacher, the best model we have.
+        prune(slim, self.task, cfg, work_dir_for(path), teacher=self.teacher.model if structural else None,
+              progress=self.progress)
+        models.save(slim, path)
+        shutil.rmtree(work_dir_for(path), ignore_errors=True)
+        return path
+
+    def artifact(self, p: dict[str, Any]) -> Path:
+        from slimformer.stages.quantize import QuantizeConfig, quantize_onnx, quantize_torch
+
+        src = self.pruned(p["depth"], p["heads"], p["ffn"], p["vocab"])
+        precision = Precision(p["precision"])
+        if precision == Precision.FP32:
+            return src
+        path = self.out / "candidates" / f"{src.name}-{precision.value}"
+        if (path / models.RECORD_FILE).exists():
+            return path
+        slim = models.load(src)
+        if precision == Precision.ORT_FP32:
+            from slimformer.export import export_onnx
+
+            def write(tmp: Path) -> None:
+                export_onnx(slim, tmp)
+        elif precision in (Precision.ORT_INT8, Precision.ORT_STATIC_INT8):
+            cfg = QuantizeConfig(scheme=precision.value, calibration_examples=self.config.space.calibration_examples,
+                                 seed=self.config.seed)
+
+            def write(tmp: Path) -> None:
+                quantize_onnx(slim, self.task, cfg, tmp)
+        else:
+            cfg = QuantizeConfig(scheme=precision.value)
+            quantize_torch(slim, cfg)
+
+            def write(tmp: Path) -> None:
+                models.save(slim, tmp)
+        models.atomic_dir(path, write)
+        return path
+
+
+# ------------------------------------------------------------------------------------------------------
+# Measuring a candidate
+# ------------------------------------------------------------------------------------------------------
+
+
+def _quality(path: Path, task: TaskData, split: str, bootstrap: int, threads: int | None) -> dict[str, Any]:
+    from slimformer.evaluate import evaluate
+    from slimformer.export import load_runner
+
+    runner, tokenizer = load_runner(path, task, threads=threads)
+    return evaluate(runner, tokenizer, task, split, bootstrap=bootstrap)
+
+
+def _cost(path: Path, config: SearchConfig) -> dict[str, Any]:
+    """The cost card of a candidate, measured in a fresh process with the protocol of ``slimformer measure``."""
+    from slimformer.api import measure_fresh
+
+    return measure_fresh(path, batch=config.batch, seq=config.seq, threads=config.threads or torch.get_num_threads(),
+                         runs=config.runs, throughput_batch=config.throughput_batch)
+
+
+def _drop_name(task_type: TaskType) -> str:
+    return {TaskType.SEQUENCE_CLASSIFICATION: "accuracy_drop", TaskType.TOKEN_CLASSIFICATION: "f1_drop",
+            TaskType.CAUSAL_LM: "perplexity_increase"}[task_type]
+
+
+def make_candidate(name: str, params: dict[str, Any], path: Path, quality: dict[str, Any], card: dict[str, Any],
+                   baseline: dict[str, Any] | None, task_type: TaskType) -> Candidate:
+    """Turn a quality result and a cost card into a Candidate with every quantity a budget may name."""
+    _, direction = primary_metric(task_type)
+    m = {
+        "quality": measurement("quality", quality["value"], spread=_half_width(quality), n=quality["n"],
+                               goal="max" if direction == "higher" else "min"),
+        "latency_ms": measurement("latency_ms", card["latency_ms_p50"], n=card["runs"]),
+        "latency_ms_p95": measurement("latency_ms_p95", card["latency_ms_p95"], n=card["runs"]),
+        "throughput": measurement("throughput", card["throughput_batch_per_s"]),
+        "size_mb": measurement("size_mb", card["size_bytes"] / 1e6),
+        "memory_mb": measurement("memory_mb", card.get("model_memory_mb", card["peak_rss_mb"])),
+    }
+    if card.get("parameters") is not None:
+        m["parameters"] = measurement("parameters", card["parameters"])
+    notes: list[str] = []
+    if baseline is not None:
+        bq, bl, bs = baseline["quality"]["value"], baseline["cost"]["latency_ms_p50"], baseline["cost"]["size_bytes"]
+        # Perplexity: relative increase in percent; accuracy/F1: points lost.
+        drop = 100 * (quality["value"] / bq - 1) if task_type == TaskType.CAUSAL_LM else 100 * (bq - quality["value"])
+        m["quality_drop"] = measurement("quality_drop", drop)
+        m[_drop_name(task_type)] = measurement(_drop_name(task_type), drop)
+        m["speedup"] = measurement("speedup", bl / card["latency_ms_p50"])
+        m["compression"] = measurement("compression", bs / max(1, card["size_bytes"]))
+        if card["latency_ms_p50"] > bl:
+            notes.append("slower than the fp32 baseline")
+        if card["size_bytes"] > bs:
+            notes.append("larger than the fp32 baseline")
+    return Candidate(name=name, params=params, path=str(path), measurements=m, notes=tuple(notes))
+
+
+def _half_width(q: dict[str, Any]) -> float | None:
+    lo, hi = q.get("ci95", [None, None])
+    return None if lo is None or math.isnan(lo) else (hi - lo) / 2
+
+
+# ------------------------------------------------------------------------------------------------------
+# The search
+# ------------------------------------------------------------------------------------------------------
+
+
+def param_key(p: dict[str, Any]) -> str:
+    return f"d{p['depth']}-h{_fmt(p['heads'])}-f{_fmt(p['ffn'])}-v{int(p['vocab'])}-{p['precision']}"
+
+
+def _json_dump(path: Path, obj: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def prepare_teacher(model: str, task: TaskData, config: SearchConfig, out: Path, progress: bool) -> Path:
+    """The fine-tuned teacher: the given model if it already has a head for the task, else fine-tuned once."""
+    from slimformer import api
+
+    path, is_local = models.resolve_model_path(model)
+    record = models.read_record(path) if is_local else {}
+    if record.get("task", {}).get("type") == str(task.type):
+        if record["task"].get("label_names") not in (None, task.label_names):
+            raise SlimformerError(f"model {model} was fine-tuned for labels {record['task']['label_names']}, the "
+                                  f"data has {task.label_names}; use matching data or the base model")
+        return Path(path)
+    teacher = out / "teacher"
+    if not (teacher / models.RECORD_FILE).exists():
+        api.finetune(model, task, config.finetune, teacher, progress=progress)
+    return teacher
+
+
+def _storage(config: SearchConfig, out: Path):
+    import optuna
+    from optuna.storages import RDBStorage, RetryFailedTrialCallback
+
+    url = config.storage or f"sqlite:///{(out / 'study.db').resolve()}"
+    if url.startswith(("sqlite", "postgresql", "mysql")):
+        # Heartbeats let a restarted search (or another worker) notice a trial whose process died, fail it
+        # and run it again, so no finished work is lost and no candidate is left half-done.
+        return RDBStorage(url, heartbeat_interval=5, grace_period=15,
+                          failed_trial_callback=RetryFailedTrialCallback(max_retry=2))
+    if url.endswith(".log") or url.startswith("journal:"):
+        from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+        return JournalStorage(JournalFileBackend(url.removeprefix("journal:")))
+    return optuna.storages.get_storage(url)
+
+
+def _sampler(config: SearchConfig, space: dict[str, list[Any]]):
+    import optuna
+
+    if config.strategy == Strategy.GRID:
+        return optuna.samplers.GridSampler(space, seed=config.seed)
+    if config.strategy == Strategy.RANDOM:
+        return optuna.samplers.RandomSampler(seed=config.seed)
+    if config.strategy == Strategy.NSGA2:
+        return optuna.samplers.NSGAIISampler(seed=config.seed)
+    return optuna.samplers.TPESampler(seed=config.seed, n_startup_trials=8, multivariate=True)
+
+
+def reference_params(n_layers: int) -> list[dict[str, Any]]:
+    """Trials every study starts with: the fp32 baseline and ONNX Runtime dynamic int8 of the baseline."""
+    base = {"depth": n_layers, "heads": 0.0, "ffn": 0.0, "vocab": False}
+    return [{**base, "precision": Precision.FP32.value}, {**base, "precision": Precision.ORT_INT8.value}]
+
+
+def seed_params(space: SearchSpace, n_layers: int) -> list[dict[str, Any]]:
+    """A few promising points tried early (small students, pruned, int8), then the sampler explores."""
+    depths = space.resolved_depths(n_layers)
+    mid = depths[len(depths) // 2]
+    out = []
+    for prec in (Precision.ORT_STATIC_INT8, Precision.ORT_INT8):
+        if prec in space.precisions:
+            out.append({"depth": mid, "heads": max(space.heads), "ffn": max(space.ffn),
+                        "vocab": True in space.vocab, "precision": prec.value})
+    return out
+
+
+def _stale_trials_to_fail(study) -> None:
+    """A single-process search owns its study: trials left RUNNING by a killed run are failed (and retried)."""
+    import optuna
+
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        study._storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
+        study.enqueue_trial(t.params, skip_if_exists=False)
+
+
+def run_search(model: str, task: TaskData, config: SearchConfig, out: str | os.PathLike, *, worker: bool = False,
+               progress: bool = True, log=print) -> dict[str, Any]:
+    """Run (or resume) a search and deliver the frontier, the choice, its confirmation and the report."""
+    import optuna
+
+    budget = parse_budget(config.budget.replace("quality_drop", _drop_name(task.type))
+                          if "quality_drop" in config.budget else config.budget)
+    out = models.check_out_dir(out)
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.time()
+    threads = config.threads or torch.get_num_threads()
+    torch.set_num_threads(threads)
+    teacher_path = prepare_teacher(model, task, config, out, progress)
+    builder = Builder(out, teacher_path, task, config, progress)
+    n_layers = builder.teacher.config.num_hidden_layers
+    space_lists = {
+        "depth": config.space.resolved_depths(n_layers),
+        "heads": list(config.space.heads),
+        "ffn": list(config.space.ffn),
+        "vocab": list(config.space.vocab),
+        "precision": [p.value for p in config.space.precisions],
+    }
+    baseline = _baseline(out, teacher_path, task, config, threads)
+    objective_q = OBJECTIVES[config.objective]
+    goal = "maximize" if objective_q == "throughput" else "minimize"
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage = _storage(config, out)
+    study = optuna.create_study(storage=storage, study_name="slimformer", load_if_exists=True,
+                                directions=["minimize", goal], sampler=_sampler(config, space_lists))
+    if not worker:
+        _stale_trials_to_fail(study)
+    if not study.trials and not worker:
+        for p in reference_params(n_layers) + seed_params(config.space, n_layers):
+            study.enqueue_trial(p, skip_if_exists=True)
+    (out / "search.json").write_text(json.dumps({"model": model, "data": task.source, "config":
+                                                 config.model_dump(mode="json")}, indent=2))
+
+    def objective(trial) -> tuple[float, float]:
+        p = {
+            "depth": trial.suggest_categorical("depth", space_lists["depth"]),
+            "heads": trial.suggest_categorical("heads", space_lists["heads"]),
+            "ffn": trial.suggest_categorical("ffn", space_lists["ffn"]),
+            "vocab": trial.suggest_categorical("vocab", space_lists["vocab"]),
+            "precision": trial.suggest_categorical("precision", space_lists["precision"]),
+        }
+        key = param_key(p)
+        done = _finished_candidate(study, key)
+        if done is not None:  # a repeat of a finished point: reuse its numbers, measure nothing twice
+            cand = done
+        elif p == reference_params(n_layers)[0]:  # the fp32 baseline itself: one measurement, not two
+            cand = make_candidate(key, p, teacher_path, baseline["quality"], baseline["cost"], baseline, task.type)
+        else:
+            t0 = time.time()
+            path = builder.artifact(p)
+            quality = _quality(path, task, "tuning", 200, threads)
+            card = _cost(path, config)
+            cand = make_candidate(key, p, path, quality, card, baseline, task.type)
+            cand = Candidate(**{**vars(cand), "params": {**p, "seconds": round(time.time() - t0, 1)}})
+        trial.set_user_attr("candidate", cand.to_dict())
+        if progress:
+            m = cand.measurements
+            log(f"trial {trial.number}: {key}: quality {m['quality'].value:.4f}, "
+                f"{objective_q} {m[objective_q].value:.3f}, drop {m['quality_drop'].value:+.2f}")
+        return cand.value("quality_drop"), cand.value(objective_q)
+
+    durations: list[float] = []
+    while True:
+        finished = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+        if len(finished) >= config.trials:
+            break
+        if config.strategy == Strategy.GRID and len(finished) >= config.space.size(n_layers):
+            break
+        if config.time_budget_s is not None:
+            elapsed = time.time() - t_start
+            expected = sorted(durations)[len(durations) // 2] if durations else 0.0
+            if elapsed + expected > config.time_budget_s:
+                log(f"time budget: {elapsed:.0f} s used, next candidate would take ~{expected:.0f} s; stopping")
+                break
+        t0 = time.time()
+        # A candidate that fails (an export a backend cannot run, say) is recorded as failed; the search goes on.
+        study.optimize(objective, n_trials=1, catch=(Exception,))
+        durations.append(time.time() - t0)
+
+    if worker:
+        return {"out": str(out), "trials": len(study.trials)}
+    return finish(study, out, task, config, budget, baseline, teacher_path, threads, time.time() - t_start,
+                  model=model, log=log)
+
+
+def _finished_candidate(study, key: str) -> Candidate | None:
+    import optuna
+
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+        c = t.user_attrs.get("candidate")
+        if c and c["name"] == key:
+            return Candidate.from_dict(c)
+    return None
+
+
+def _baseline(out: Path, teacher_path: Path, task: TaskData, config: SearchConfig, threads: int) -> dict[str, Any]:
+    f = out / "baseline.json"
+    if f.exists():
+        return json.loads(f.read_text())
+    base = {"path": str(teacher_path), "quality": _quality(teacher_path, task, "tuning", 200, threads),
+            "cost": _cost(teacher_path, config)}
+    _json_dump(f, base)
+    return base
+
+
+def collect(study) -> list[Candidate]:
+    """Finished candidates of a study, one per parameter set (repeats collapse)."""
+    import optuna
+
+    seen: dict[str, Candidate] = {}
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+        c = t.user_attrs.get("candidate")
+        if c and c["name"] not in seen:
+            seen[c["name"]] = Candidate.from_dict(c)
+    return list(seen.values())
+
+
+def finish(study, out: Path, task: TaskData, config: SearchConfig, budget: list[Constraint], baseline: dict[str, Any],
+           teacher_path: Path, threads: int, seconds: float, *, model: str, log=print) -> dict[str, Any]:
+    """Frontier, choice under the budget, confirmation on the eval split, export and report."""
+    from slimformer import report
+
+    objective_q = OBJECTIVES[config.objective]
+    candidates = collect(study)
+    if not candidates:
+        raise SlimformerError("no candidate finished; look at the errors above, or give the search more time")
+    front = pareto_front(candidates, [objective_q, "quality"])
+    chosen = choose(candidates, budget, objective_q)
+    ref_names = [param_key(p) for p in reference_params(_depth_of(teacher_path))]
+    references = [c for c in candidates if c.name in ref_names]
+
+    confirmation: dict[str, Any] = {}
+    eval_budget_holds = None
+    if chosen is not None:
+        log(f"chosen: {chosen.name}; confirming on the eval split ({task.eval_source})")
+        base_eval = _quality(teacher_path, task, "eval", 1000, threads)
+        chosen_eval = _quality(Path(chosen.path), task, "eval", 1000, threads)
+        confirmation = {"baseline": base_eval, "chosen": chosen_eval}
+        ort_ref = next((c for c in references if c.params.get("precision") == Precision.ORT_INT8.value), None)
+        if ort_ref is not None:
+            confirmation["ort_int8_baseline"] = _quality(Path(ort_ref.path), task, "eval", 1000, threads)
+        chosen_on_eval = make_candidate(chosen.name, chosen.params, Path(chosen.path), chosen_eval,
+                                        _card_of(chosen), {"quality": base_eval, "cost": baseline["cost"]}, task.type)
+        quality_constraints = [k for k in budget if k.quantity in ("quality_drop", _drop_name(task.type), "quality")]
+        eval_budget_holds = within_budget(chosen_on_eval, quality_constraints)
+        confirmation["quality_drop_on_eval"] = chosen_on_eval.value("quality_drop")
+        confirmation["budget_holds_on_eval"] = eval_budget_holds
+        best = out / "best"
+        report.deliver_best(chosen, best, task, confirmation, config, model=model, data=task.source)
+    summary = {
+        "out": str(out), "seconds": seconds, "objective": objective_q, "budget": [str(b) for b in budget],
+        "candidates": [c.to_dict() for c in candidates], "front": [c.name for c in front],
+        "chosen": chosen.to_dict() if chosen else None, "references": [c.name for c in references],
+        "baseline": baseline, "confirmation": confirmation, "task": task.describe(),
+        "failed_trials": sum(1 for t in study.trials if t.state.name == "FAIL"),
+    }
+    _json_dump(out / "summary.json", summary)
+    report.write_report(out, summary, config, model=model)
+    if chosen is None:
+        log("no candidate meets the budget on the tuning split; see the report for the frontier")
+    elif not eval_budget_holds:
+        log("the chosen candidate does NOT meet the budget on the eval split; see the report")
+    return summary
+
+
+def _depth_of(path: Path) -> int:
+    cfg = json.loads((Path(path) / "config.json").read_text())
+    return int(cfg.get("num_hidden_layers") or cfg.get("n_layer"))
+
+
+def _card_of(c: Candidate) -> dict[str, Any]:
+    m = c.measurements
+    return {"latency_ms_p50": m["latency_ms"].value, "latency_ms_p95": m["latency_ms_p95"].value,
+            "runs": m["latency_ms"].n or 0, "throughput_batch_per_s": m["throughput"].value,
+            "size_bytes": m["size_mb"].value * 1e6, "peak_rss_mb": m["memory_mb"].value,
+            "parameters": m["parameters"].value if "parameters" in m else None}
