@@ -116,6 +116,8 @@ class SearchConfig(BaseModel):
     throughput_batch: int = Field(32, ge=1, le=4096, description="batch size for throughput")
     threads: int | None = Field(None, ge=1, description="threads for measurement (default: all cores)")
     runs: int = Field(30, ge=30, le=10_000, description="timed runs per latency measurement")
+    fresh_process_measurement: bool = Field(True, description="measure each candidate in a new process (clean "
+                                                              "timing and memory; off only for quick tests)")
     space: SearchSpace = Field(default_factory=SearchSpace, description="what to combine")
     finetune: FinetuneConfig = Field(default_factory=lambda: FinetuneConfig(epochs=2),
                                      description="teacher fine-tuning if the model has no task head yet")
@@ -235,10 +237,16 @@ def _quality(path: Path, task: TaskData, split: str, bootstrap: int, threads: in
 
 def _cost(path: Path, config: SearchConfig) -> dict[str, Any]:
     """The cost card of a candidate, measured in a fresh process with the protocol of ``slimformer measure``."""
-    from slimformer.api import measure_fresh
+    from slimformer import api
 
-    return measure_fresh(path, batch=config.batch, seq=config.seq, threads=config.threads or torch.get_num_threads(),
-                         runs=config.runs, throughput_batch=config.throughput_batch)
+    threads = config.threads or torch.get_num_threads()
+    if config.fresh_process_measurement:
+        return api.measure_fresh(path, batch=config.batch, seq=config.seq, threads=threads, runs=config.runs,
+                                 throughput_batch=config.throughput_batch)
+    card = api.measure(path, batch=config.batch, seq=config.seq, threads=threads, runs=config.runs, flops=False)
+    card["throughput_batch_per_s"] = api.measure(path, batch=config.throughput_batch, seq=config.seq, threads=threads,
+                                                 runs=30, warmup=2, flops=False)["throughput_per_s"]
+    return card
 
 
 def _drop_name(task_type: TaskType) -> str:
