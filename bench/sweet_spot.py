@@ -1,0 +1,98 @@
+"""Shared body of the sweet-spot benchmarks: run the search with a fixed seed, then measure the baseline,
+ONNX Runtime dynamic int8 of the baseline and the chosen point side by side, in one run, and print ratios.
+
+Quality is the eval split (never seen by training or search); speed is p50 at b1 s128 in a fresh process
+for each model, measured in rounds that interleave the three models so machine noise hits all alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+def main(default_data: str, default_teacher: str, default_out: str, targets: dict[str, float]) -> int:
+    from slimformer import api
+    from slimformer.measure import hardware
+    from slimformer.search import SearchConfig, run_search
+    from slimformer.stages.finetune import FinetuneConfig
+    from slimformer.tasks import load_task_data
+
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--data", default=default_data)
+    ap.add_argument("--teacher", default=default_teacher, help="fine-tuned model; fine-tuned from minilm if absent")
+    ap.add_argument("--out", default=default_out)
+    ap.add_argument("--time-budget", type=float, default=45 * 60, help="seconds")
+    ap.add_argument("--trials", type=int, default=40)
+    ap.add_argument("--budget", default="quality_drop<=1.0")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved measurement rounds at the end")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+
+    task = load_task_data(args.data, seed=args.seed)
+    teacher = args.teacher if Path(args.teacher).exists() else "minilm"
+    cfg = SearchConfig(seed=args.seed, trials=args.trials, time_budget_s=args.time_budget, budget=args.budget,
+                       threads=args.threads, finetune=FinetuneConfig(epochs=2, evals_per_epoch=4))
+    summary = run_search(teacher, task, cfg, args.out, progress=True, log=lambda m: print(m, file=sys.stderr))
+    chosen = summary["chosen"]
+    if chosen is None:
+        print("no candidate met the budget on the tuning split; see", Path(args.out) / "report.md")
+        return 1
+    by_name = {c["name"]: c for c in summary["candidates"]}
+    ref_fp32, ref_int8 = summary["references"][0], summary["references"][1]
+    paths = {"baseline fp32 (PyTorch)": by_name[ref_fp32]["path"],
+             "baseline ORT dynamic int8": by_name[ref_int8]["path"], "chosen": chosen["path"]}
+    lat: dict[str, list[float]] = {k: [] for k in paths}
+    cards: dict[str, dict] = {}
+    for _ in range(args.rounds):
+        for label, path in paths.items():
+            card = api.measure_fresh(path, batch=1, seq=128, threads=args.threads, runs=50)
+            lat[label].append(card["latency_ms_p50"])
+            cards[label] = card
+    conf = summary["confirmation"]
+    quality = {"baseline fp32 (PyTorch)": conf["baseline"], "baseline ORT dynamic int8": conf["ort_int8_baseline"],
+               "chosen": conf["chosen"]}
+    base_lat = statistics.median(lat["baseline fp32 (PyTorch)"])
+    base_size = cards["baseline fp32 (PyTorch)"]["size_bytes"]
+    base_q = quality["baseline fp32 (PyTorch)"]["value"]
+    hw = hardware()
+    print(f"\nsweet spot on {args.data} | CPU {hw['cpu']} [{' '.join(hw['cpu_flags'])}] | threads "
+          f"{args.threads or 'all'} | search {summary['seconds'] / 60:.1f} min, "
+          f"{len(summary['candidates'])} candidates")
+    print(f"chosen: {chosen['name']}")
+    header = f"{'model':28s} {'eval metric (95% CI)':>26s} {'drop pts':>9s} {'p50 ms':>8s} {'speed-up':>9s} " \
+             f"{'size MB':>8s} {'smaller':>8s}"
+    print(header)
+    rows = {}
+    for label in paths:
+        q = quality[label]
+        p50 = statistics.median(lat[label])
+        size = cards[label]["size_bytes"]
+        rows[label] = {"quality": q["value"], "drop": 100 * (base_q - q["value"]), "p50_ms": p50,
+                       "speedup": base_lat / p50, "size_mb": size / 1e6, "compression": base_size / size}
+        r = rows[label]
+        print(f"{label:28s} {q['value']:>8.4f} ({q['ci95'][0]:.4f}-{q['ci95'][1]:.4f}) {r['drop']:>+9.2f} "
+              f"{p50:>8.2f} {r['speedup']:>8.2f}x {r['size_mb']:>8.2f} {r['compression']:>7.1f}x")
+    c, o = rows["chosen"], rows["baseline ORT dynamic int8"]
+    dominates = (c["p50_ms"] <= o["p50_ms"] and c["size_mb"] <= o["size_mb"] and c["quality"] >= o["quality"]
+                 and (c["p50_ms"] < o["p50_ms"] or c["size_mb"] < o["size_mb"] or c["quality"] > o["quality"]))
+    print(f"chosen Pareto-dominates ORT int8 of the baseline (latency, size, eval quality): {dominates}")
+    verdicts = {
+        "speed-up": (c["speedup"], targets["speedup"], c["speedup"] >= targets["speedup"]),
+        "smaller": (c["compression"], targets["compression"], c["compression"] >= targets["compression"]),
+        "drop": (c["drop"], targets["drop"], c["drop"] <= targets["drop"]),
+    }
+    for name, (value, target, ok) in verdicts.items():
+        print(f"target {name}: measured {value:.2f}, target {'<=' if name == 'drop' else '>='} {target}: "
+              f"{'met' if ok else 'MISSED'}")
+    (Path(args.out) / "bench.json").write_text(json.dumps({"rows": rows, "dominates_ort_int8": dominates,
+                                                           "latencies": lat}, indent=2))
+    return 0
