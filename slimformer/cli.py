@@ -252,6 +252,7 @@ def serve(
     max_texts: Annotated[int, typer.Option(help="most texts per request")] = 64,
     max_chars: Annotated[int, typer.Option(help="most characters per text")] = 5000,
     max_body_bytes: Annotated[int, typer.Option(help="largest request body in bytes")] = 1_000_000,
+    max_queue: Annotated[int, typer.Option(help="requests waiting at once; beyond that 503")] = 1024,
     max_length: Annotated[int, typer.Option(help="tokens per text the model sees")] = 128,
     threads: Annotated[int | None, typer.Option(help="PyTorch intra-op threads (default: all cores)")] = None,
     log_level: Annotated[str, typer.Option(help="uvicorn log level")] = "info",
@@ -261,8 +262,8 @@ def serve(
     from slimformer.serve import serve as _serve
 
     cfg = _config(ServeConfig, backend=backend, batching=batching, max_batch=max_batch, max_wait_ms=max_wait_ms,
-                  max_texts=max_texts, max_chars=max_chars, max_body_bytes=max_body_bytes, max_length=max_length,
-                  threads=threads)
+                  max_texts=max_texts, max_chars=max_chars, max_body_bytes=max_body_bytes, max_queue=max_queue,
+                  max_length=max_length, threads=threads)
     _serve(model_dir, cfg, host=host, port=port, log_level=log_level)
 
 

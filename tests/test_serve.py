@@ -360,11 +360,12 @@ def test_cli_serve_starts_uvicorn_with_the_settings(cls_dir, monkeypatch):
 
     seen = {}
     monkeypatch.setattr(uvicorn, "run", lambda asgi, **kw: seen.update(kw, app=asgi))
-    result = CliRunner().invoke(app, ["serve", str(cls_dir), "--port", "8123", "--no-batching", "--max-batch", "4"])
+    result = CliRunner().invoke(app, ["serve", str(cls_dir), "--port", "8123", "--no-batching", "--max-batch", "4",
+                                      "--max-queue", "7"])
     assert result.exit_code == 0, result.output
     assert (seen["host"], seen["port"]) == ("127.0.0.1", 8123)
     cfg = seen["app"].state.config
-    assert (cfg.batching, cfg.max_batch) == (False, 4)
+    assert (cfg.batching, cfg.max_batch, cfg.max_queue) == (False, 4, 7)
 
 
 def test_cli_serve_refuses_a_missing_folder_and_bad_settings(tmp_path):
