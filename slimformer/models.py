@@ -313,6 +313,9 @@ def update_record(folder: str | os.PathLike, **fields: Any) -> dict[str, Any]:
 
 def count_parameters(model: torch.nn.Module) -> dict[str, int]:
     """Total and non-zero parameters (tied weights counted once)."""
+    counter = getattr(model, "slimformer_count_parameters", None)  # quantized models count their integer weights
+    if counter is not None:
+        return counter()
     seen: set[int] = set()
     total = nonzero = 0
     for p in model.parameters():
