@@ -79,7 +79,10 @@ class Recipe(BaseModel):
                                   + (f" (got {err['input']!r})" if err["type"] != "missing" else "")) from None
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json", exclude_defaults=True), sort_keys=False)
+        """YAML with only the settings that differ from the defaults (and every stage's kind)."""
+        data = self.model_dump(mode="json", exclude_defaults=True)
+        data["stages"] = [{"kind": s.kind, **s.model_dump(mode="json", exclude_defaults=True)} for s in self.stages]
+        return yaml.safe_dump(data, sort_keys=False)
 
 
 @dataclass
