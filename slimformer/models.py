@@ -108,6 +108,9 @@ def resolve_model_path(name_or_path: str | os.PathLike) -> tuple[str, bool]:
                     f"model folder {p} has only pickled weights (.bin/.pt), which slimformer never loads; "
                     "convert them to model.safetensors"
                 )
+            if (p / "model.onnx").exists():
+                raise SlimformerError(f"model folder {p} holds an ONNX model, which only evaluate, measure and serve "
+                                      "take; give its PyTorch parent folder")
             raise SlimformerError(f"model folder {p} has no weights (model.safetensors); save the model first")
         return str(p), True
     if s.startswith((".", "/", "~")) or s.count("/") > 1 or Path(s.split("/")[0]).is_dir():

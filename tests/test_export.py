@@ -117,6 +117,8 @@ def test_export_refuses_what_it_cannot_export(saved, tmp_path):
         export_job(src, "tflite")
     with pytest.raises(SlimformerError, match="already an ONNX model"):
         export_job(onnx_dir, "onnx")
+    with pytest.raises(SlimformerError, match="holds an ONNX model"):
+        models.load(onnx_dir)  # stages that need PyTorch weights say why they cannot take it
     from slimformer.stages.quantize import QuantizeConfig, quantize_torch
 
     slim = models.load(src)

@@ -192,7 +192,7 @@ def test_bad_input_gives_slimformer_error(fp32_dir, tmp_path):
     assert not (tmp_path / "x").exists()
 
 
-def test_cli_quantize_reports_errors_in_one_line(fp32_dir, tmp_path):
+def test_cli_quantize_needs_data_for_static_and_writes_json(fp32_dir, tmp_path):
     from typer.testing import CliRunner
 
     from slimformer.cli import app
