@@ -98,6 +98,7 @@ async def drive(url: str, clients: int, seconds: float, timeout: float) -> dict:
     """N clients, each sending one request after another until the deadline; latency of every answer."""
     latencies: list[float] = []
     errors: dict[str, int] = {}
+    examples: list[str] = []
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     async with httpx.AsyncClient(base_url=url, timeout=timeout, limits=limits) as client:
         start = time.perf_counter()
@@ -117,6 +118,9 @@ async def drive(url: str, clients: int, seconds: float, timeout: float) -> dict:
                         errors[str(r.status_code)] = errors.get(str(r.status_code), 0) + 1
                 except httpx.HTTPError as e:
                     errors[type(e).__name__] = errors.get(type(e).__name__, 0) + 1
+                    if len(examples) < 3:
+                        examples.append(f"{type(e).__name__} after {time.perf_counter() - t0:.2f} s at "
+                                        f"t={t0 - start:.1f} s: {e!r}")
 
         tasks = [asyncio.create_task(one_client(k)) for k in range(clients)]
         # Bounded even if the server hangs: requests time out, and so does the whole phase.
@@ -132,7 +136,8 @@ async def drive(url: str, clients: int, seconds: float, timeout: float) -> dict:
         "requests": len(latencies), "seconds": round(elapsed, 1), "requests_per_s": len(latencies) / elapsed,
         "p50_ms": float(np.percentile(ms, 50)) if len(ms) else float("nan"),
         "p99_ms": float(np.percentile(ms, 99)) if len(ms) else float("nan"),
-        "errors": sum(errors.values()), "error_kinds": errors, "mean_batch": _mean_batch(metrics),
+        "errors": sum(errors.values()), "error_kinds": errors, "error_examples": examples,
+        "mean_batch": _mean_batch(metrics),
     }
 
 
@@ -155,7 +160,11 @@ def run_mode(args: argparse.Namespace, batching: bool) -> dict:
             result = asyncio.run(drive(url, args.clients, args.seconds, args.request_timeout))
         finally:
             stop_server(proc)
+        log.seek(0)
+        server_log = log.read()
     os.unlink(log.name)
+    if result["errors"]:  # what the server said may explain the failed requests
+        result["server_log_tail"] = server_log[-1500:]
     return {"batching": batching, **result}
 
 
@@ -189,6 +198,10 @@ def main() -> None:
               f"p50 {r['p50_ms']:8.1f} ms   p99 {r['p99_ms']:8.1f} ms   errors {r['errors']:4d}   "
               f"mean batch {r['mean_batch']:5.1f}   ({r['requests']} requests)"
               + (f"   {r['error_kinds']}" if r["errors"] else ""), flush=True)
+        for example in r.get("error_examples", []):
+            print(f"    e.g. {example}")
+        if r.get("server_log_tail", "").strip():
+            print("    server log (tail):\n      " + r["server_log_tail"].strip().replace("\n", "\n      "))
     on, off = results
     gain = {"throughput_x": on["requests_per_s"] / max(off["requests_per_s"], 1e-9),
             "p50_x": off["p50_ms"] / max(on["p50_ms"], 1e-9), "p99_x": off["p99_ms"] / max(on["p99_ms"], 1e-9)}

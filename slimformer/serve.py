@@ -41,6 +41,7 @@ log = logging.getLogger("slimformer.serve")
 ONNX_FILE = "model.onnx"
 # Logits of a causal LM are (batch, tokens, vocabulary) floats: cap one forward pass at about 256 MB of them.
 LM_LOGIT_BUDGET = 64 * 2**20
+KEEP_ALIVE_S = 75
 
 
 class Backend(StrEnum):
@@ -799,4 +800,6 @@ def serve(model_dir: str | Path, config: ServeConfig, *, host: str = "127.0.0.1"
     # uvicorn configures logging only once it runs, so say what is being served on stderr directly.
     print(f"serving {predictor.name} ({predictor.task_type}, {predictor.backend}, batching "
           f"{'on' if config.batching else 'off'}) on http://{host}:{port}  (docs: /docs)", file=sys.stderr, flush=True)
-    uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False)
+    # Keep idle connections longer than pooling clients do (httpx: 5 s, nginx: 60 s): with uvicorn's default of
+    # 5 s the server can close a connection just as a client reuses it, and that request fails with a reset.
+    uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False, timeout_keep_alive=KEEP_ALIVE_S)

@@ -364,6 +364,7 @@ def test_cli_serve_starts_uvicorn_with_the_settings(cls_dir, monkeypatch):
                                       "--max-queue", "7"])
     assert result.exit_code == 0, result.output
     assert (seen["host"], seen["port"]) == ("127.0.0.1", 8123)
+    assert seen["timeout_keep_alive"] > 5  # longer than client pools keep idle connections
     cfg = seen["app"].state.config
     assert (cfg.batching, cfg.max_batch, cfg.max_queue) == (False, 4, 7)
 
