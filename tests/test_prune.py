@@ -113,6 +113,19 @@ def test_recovery_restores_accuracy_and_keeps_zeros(tmp_path):
     assert not (tmp_path / "w" / "round-1").exists()
 
 
+def test_bf16_recovery_leaves_a_plain_fp32_model(tmp_path):
+    # bf16 training wraps forward in autocast; the stage must score the model that gets saved.
+    slim, task = tiny_bert(), tiny_sst2_task(16, 8)
+    prune(slim, task, PruneConfig(heads=0.5, recover="finetune", epochs=1, **{**FAST, "precision": "bf16"}),
+          tmp_path / "w", progress=False)
+    assert "forward" not in slim.model.__dict__
+    enc = slim.tokenizer(["a charming journey"], return_tensors="pt")
+    models.save(slim, tmp_path / "m")
+    back = models.load(tmp_path / "m")
+    with torch.no_grad():
+        assert torch.equal(slim.model(**enc).logits, back.model(**enc).logits)
+
+
 def test_kd_recovery(tmp_path):
     pytest.importorskip("slimformer.stages.distill", reason="distillation stage not available yet")
     slim, task = tiny_bert(), tiny_sst2_task(16, 8)

@@ -158,6 +158,23 @@ def recover(slim: SlimModel, task: TaskData, config: PruneConfig, work_dir: str 
             ) -> dict[str, Any]:
     """Recovery training of the pruned ``slim`` in place: fine-tuning, or KD from ``teacher`` (the model
     before pruning; ``layer_map[i]`` = the teacher layer that student layer ``i`` came from)."""
+    try:
+        return _recover(slim, task, config, work_dir, teacher, layer_map=layer_map, progress=progress)
+    finally:
+        _drop_autocast_wrapper(slim.model)
+
+
+def _drop_autocast_wrapper(model: nn.Module) -> None:
+    """With bf16 training, accelerate replaces ``model.forward`` by an autocast wrapper and leaves it on the
+    model after training; the saved weights are then scored in fp32 elsewhere. Restore the plain forward so
+    that the in-process evaluation measures the model that is saved."""
+    if "_original_forward" in model.__dict__:
+        model.__dict__.pop("forward", None)
+        model.__dict__.pop("_original_forward", None)
+
+
+def _recover(slim: SlimModel, task: TaskData, config: PruneConfig, work_dir: str | Path, teacher: nn.Module | None,
+             *, layer_map: list[int] | None, progress: bool) -> dict[str, Any]:
     train_cfg = TrainConfig(**{k: getattr(config, k) for k in TrainConfig.model_fields})
     if config.recover == Recovery.FINETUNE:
         return train(slim, task, train_cfg, work_dir, progress=progress)
