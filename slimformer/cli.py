@@ -326,6 +326,9 @@ def prune(
         out_console.print(f"kept {p['plan']['layers']} layers, {p['plan']['heads']} heads, {p['plan']['neurons']} "
                           f"FFN neurons, {p['plan']['vocab']} tokens; parameters {p['parameters_before']:,} -> "
                           f"{p['parameters_after']:,} ({p['parameter_ratio']:.2f}x)")
+        if result.get("quality_before"):
+            q = result["quality_before"]
+            out_console.print(f"before pruning: {q['metric']} {q['value']:.4f} on {q['split']} ({q['n']} examples)")
     _report_quality(result, json_out, title=f"pruned model saved to {out}")
 
 
