@@ -34,6 +34,19 @@ def load_for_task(model: str | os.PathLike, task: TaskData) -> models.SlimModel:
     return models.load(model, task.type, task.label_names)
 
 
+def score_and_save(slim: models.SlimModel, task: TaskData, out: Path, work: Path, *, max_length: int = 128,
+                   progress: bool = True) -> dict[str, Any]:
+    """The common end of every training job: score the eval split, record it, save ``out`` atomically,
+    then remove the checkpoints (only once the result is safely on disk). Returns the eval quality."""
+    quality = _evaluate(torch_runner(slim.model), slim.tokenizer, task, "eval", max_length=max_length,
+                        progress=progress)
+    slim.record["quality"] = {"eval": quality}
+    slim.record["data"] = task.describe()
+    models.save(slim, out)
+    clean_work_dir(work)
+    return quality
+
+
 def finetune(model: str | os.PathLike, task: TaskData, config: FinetuneConfig, out: str | os.PathLike,
              *, progress: bool = True) -> dict[str, Any]:
     """Fine-tune, score the eval split, save to ``out`` (atomically) and return the summary."""
@@ -42,12 +55,7 @@ def finetune(model: str | os.PathLike, task: TaskData, config: FinetuneConfig, o
     slim = load_for_task(model, task)
     work = work_dir_for(out)
     summary = _finetune(slim, task, config, work, progress=progress)
-    quality = _evaluate(torch_runner(slim.model), slim.tokenizer, task, "eval", max_length=config.max_length,
-                        progress=progress)
-    slim.record["quality"] = {"eval": quality}
-    slim.record["data"] = task.describe()
-    models.save(slim, out)
-    clean_work_dir(work)
+    quality = score_and_save(slim, task, out, work, max_length=config.max_length, progress=progress)
     return {"out": str(out), "training": summary, "quality": quality, "seconds": time.time() - t0}
 
 
@@ -61,12 +69,7 @@ def distill(teacher: str | os.PathLike, task: TaskData, config: DistillConfig, o
     teacher_slim = load_for_task(teacher, task)
     work = work_dir_for(out)
     student, summary = _distill(teacher_slim, task, config, work, progress=progress)
-    quality = _evaluate(torch_runner(student.model), student.tokenizer, task, "eval", max_length=config.max_length,
-                        progress=progress)
-    student.record["quality"] = {"eval": quality}
-    student.record["data"] = task.describe()
-    models.save(student, out)
-    clean_work_dir(work)
+    quality = score_and_save(student, task, out, work, max_length=config.max_length, progress=progress)
     return {"out": str(out), "training": summary, "quality": quality, "seconds": time.time() - t0}
 
 
