@@ -201,6 +201,10 @@ class OrtRunner:
             opts.intra_op_num_threads = threads
             opts.inter_op_num_threads = 1
         opts.log_severity_level = 3  # warnings about unused initializers etc. are noise for users
+        if os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE":
+            # The same choice as PyTorch's OpenMP threads: on a shared CPU, threads that busy-wait between
+            # operators steal the cores the other threads (or processes) need.
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             self.session = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
         except Exception as e:

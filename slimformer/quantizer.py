@@ -50,6 +50,9 @@ class QuantSpec:
     granularity: Granularity = Granularity.PER_CHANNEL
     group_size: int = 128
     axis: int = 0  # per-channel: the axis that indexes channels (rows = output features of a Linear)
+    # Asymmetric only: widen the range to include 0 and round the offset to a whole number of steps (an
+    # integer zero point), as int8 kernels quantize activations, so that 0 (padding) stays exact.
+    integer_zero_point: bool = False
 
     def __post_init__(self) -> None:
         if not 2 <= self.bits <= 8:
@@ -72,12 +75,13 @@ class QuantSpec:
 
     def to_dict(self) -> dict:
         return {"bits": self.bits, "symmetric": self.symmetric, "granularity": str(self.granularity),
-                "group_size": self.group_size, "axis": self.axis}
+                "group_size": self.group_size, "axis": self.axis, "integer_zero_point": self.integer_zero_point}
 
     @classmethod
     def from_dict(cls, d: dict) -> QuantSpec:
         return cls(bits=int(d["bits"]), symmetric=bool(d["symmetric"]), granularity=Granularity(d["granularity"]),
-                   group_size=int(d.get("group_size", 128)), axis=int(d.get("axis", 0)))
+                   group_size=int(d.get("group_size", 128)), axis=int(d.get("axis", 0)),
+                   integer_zero_point=bool(d.get("integer_zero_point", False)))
 
 
 def _rows(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
@@ -123,8 +127,13 @@ def quant_params(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.
         # An all-zero row would divide by zero; any positive scale maps it to code 0 exactly.
         return torch.where(scale > 0, scale, torch.ones_like(scale)), None
     lo, hi = rows.amin(dim=1), rows.amax(dim=1)
+    if spec.integer_zero_point:
+        lo, hi = lo.clamp(max=0), hi.clamp(min=0)
     scale = (hi - lo) / spec.qmax
-    return torch.where(scale > 0, scale, torch.ones_like(scale)), lo
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    if spec.integer_zero_point:
+        lo = -torch.round(-lo / scale) * scale  # offset = -zero_point * scale
+    return scale, lo
 
 
 def quantize(x: torch.Tensor, spec: QuantSpec) -> QTensor:

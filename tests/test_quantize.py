@@ -144,8 +144,10 @@ def test_ort_static_calibration_methods_run(fp32_dir, tmp_path):
 
 
 def test_fake_quant_linear_swaps_in_and_out():
+    from slimformer.stages.quantize import QatTarget
+
     slim = tiny_bert()
-    n = _set_fake_quant(slim.model, True)
+    n = _set_fake_quant(slim.model, True, QatTarget.TORCH_DYNAMIC_INT8)
     assert n == 14 and isinstance(slim.model.classifier, _FakeQuantLinear)  # 6 per layer x 2 + pooler + head
     x = torch.randn(2, 32)
     plain = torch.nn.functional.linear(x, slim.model.classifier.weight, slim.model.classifier.bias)
@@ -153,6 +155,28 @@ def test_fake_quant_linear_swaps_in_and_out():
     assert set(slim.model.state_dict()) == set(tiny_bert().model.state_dict())  # checkpoints keep their names
     _set_fake_quant(slim.model, False)
     assert type(slim.model.classifier) is nn.Linear and torch.equal(slim.model.classifier(x), plain)
+    # For ORT, Linear on 2-d input exports as Gemm, which ORT's dynamic quantizer leaves in fp32: no rounding.
+    _set_fake_quant(slim.model, True, QatTarget.ORT_DYNAMIC_INT8)
+    assert torch.equal(slim.model.classifier(x), plain)
+    assert not torch.equal(slim.model.classifier(x[None]), plain[None])
+
+
+def test_fake_quant_simulates_the_real_dynamic_int8_kernel():
+    from slimformer.stages.quantize import QatTarget, _dynamic_int8
+
+    torch.manual_seed(0)
+    lin = nn.Sequential(nn.Linear(64, 32))
+    x = torch.randn(5, 7, 64) * 2 + 0.5
+    with torch.no_grad():
+        ref = lin(x)
+        fake = nn.Sequential(nn.Linear(64, 32))
+        fake.load_state_dict(lin.state_dict())
+        _set_fake_quant(fake, True, QatTarget.TORCH_DYNAMIC_INT8)
+        simulated = fake(x)
+        _dynamic_int8(lin, ["0"])
+        real = lin(x)
+    # The simulation is much closer to the int8 kernel than fp32 is: training sees the kernel's rounding.
+    assert sqnr_db(real, simulated) > sqnr_db(real, ref) + 5
 
 
 def test_qat_trains_with_fake_quant_and_converts_to_real_int8(fp32_dir, tmp_path):

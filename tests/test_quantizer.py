@@ -75,6 +75,17 @@ def _scaled_linear(rows: int = 512, cols: int = 256, seed: int = 0) -> nn.Linear
     return lin
 
 
+def test_integer_zero_point_keeps_zero_exact():
+    x = torch.tensor([[0.3, 1.7, 2.9, 0.0, 1.1]])
+    spec = QuantSpec(bits=8, symmetric=False, granularity=Granularity.PER_TENSOR, integer_zero_point=True)
+    qt = quantize(x, spec)
+    assert qt.dequantize()[0, 3] == 0  # padding stays exactly zero
+    assert float(qt.offset / qt.scale) == round(float(qt.offset / qt.scale))  # whole number of steps
+    assert float(qt.scale) == pytest.approx(2.9 / 255)  # the range was widened to include 0
+    plain = quantize(x, QuantSpec(bits=8, symmetric=False, granularity=Granularity.PER_TENSOR))
+    assert float(plain.scale) == pytest.approx((2.9 - 0.0) / 255) and plain.dequantize()[0, 3] == 0
+
+
 def test_sqnr_of_linear_outputs_int8_per_channel_and_int4_per_group():
     lin = _scaled_linear()
     x = torch.randn(64, 256)

@@ -618,29 +618,38 @@ def quantize_onnx(slim: models.SlimModel, task: TaskData | None, config: Quantiz
 
 # ---- quantization-aware training -------------------------------------------------------------------------
 
-ACT_SPEC = QuantSpec(bits=8, symmetric=False, granularity=Granularity.PER_TENSOR)
+# What the dynamic int8 kernels do to a Linear's input: one range per tensor, taken per batch, widened to
+# include 0, with an integer zero point. ORT uses 8 bits; PyTorch's fbgemm kernels use 7 (reduce_range,
+# which avoids int16 overflow on CPUs without VNNI).
+ACT_SPECS = {QatTarget.ORT_DYNAMIC_INT8: QuantSpec(bits=8, symmetric=False, granularity=Granularity.PER_TENSOR,
+                                                   integer_zero_point=True),
+             QatTarget.TORCH_DYNAMIC_INT8: QuantSpec(bits=7, symmetric=False, granularity=Granularity.PER_TENSOR,
+                                                     integer_zero_point=True)}
 
 
 class _FakeQuantLinear(nn.Linear):
     """nn.Linear that sees int8 rounding in training: weights per output channel (symmetric), inputs per
-    tensor (asymmetric, range of the current batch), as the dynamic int8 kernels compute them.
+    tensor (asymmetric, range of the current batch), as the target's dynamic int8 kernels compute them.
 
     Swapped in by changing ``__class__`` so parameter names, checkpoints and optimizer state stay those
     of the plain model."""
 
+    act_spec = ACT_SPECS[QatTarget.ORT_DYNAMIC_INT8]
     skip_2d = False  # ORT's dynamic quantizer leaves Gemm (Linear on 2-d input) in fp32: do not simulate it
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.skip_2d and x.dim() == 2:
             return F.linear(x, self.weight, self.bias)
-        return F.linear(fake_quant(x, ACT_SPEC), fake_quant(self.weight, INT8_CHANNEL), self.bias)
+        return F.linear(fake_quant(x, self.act_spec), fake_quant(self.weight, INT8_CHANNEL), self.bias)
 
 
-def _set_fake_quant(model: nn.Module, on: bool, skip_2d: bool = False) -> int:
+def _set_fake_quant(model: nn.Module, on: bool, target: QatTarget = QatTarget.ORT_DYNAMIC_INT8) -> int:
     n = 0
+    cls = type("FakeQuantLinear", (_FakeQuantLinear,),
+               {"skip_2d": target == QatTarget.ORT_DYNAMIC_INT8, "act_spec": ACT_SPECS[target]})
     for m in model.modules():
         if on and type(m) is nn.Linear:
-            m.__class__ = type("FakeQuantLinear", (_FakeQuantLinear,), {"skip_2d": skip_2d})
+            m.__class__ = cls
             n += 1
         elif not on and isinstance(m, _FakeQuantLinear):
             m.__class__ = nn.Linear
@@ -653,8 +662,7 @@ def quantization_aware_training(slim: models.SlimModel, task: TaskData, config: 
     """Fine-tune ``slim`` with fake-quant Linear layers (reusing the fine-tuning loop), then remove them."""
     from slimformer.stages.finetune import train
 
-    skip_2d = config.qat_target == QatTarget.ORT_DYNAMIC_INT8
-    n = _set_fake_quant(slim.model, True, skip_2d=skip_2d)
+    n = _set_fake_quant(slim.model, True, config.qat_target)
     try:
         summary = train(slim, task, config.qat, work_dir, progress=progress)
     finally:
