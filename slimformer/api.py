@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from slimformer import models
+from slimformer import distributed, models
 from slimformer.errors import SlimformerError
 from slimformer.evaluate import evaluate as _evaluate
 from slimformer.evaluate import torch_runner
@@ -37,12 +37,20 @@ def load_for_task(model: str | os.PathLike, task: TaskData) -> models.SlimModel:
 def score_and_save(slim: models.SlimModel, task: TaskData, out: Path, work: Path, *, max_length: int = 128,
                    progress: bool = True) -> dict[str, Any]:
     """The common end of every training job: score the eval split, record it, save ``out`` atomically,
-    then remove the checkpoints (only once the result is safely on disk). Returns the eval quality."""
-    quality = _evaluate(torch_runner(slim.model), slim.tokenizer, task, "eval", max_length=max_length,
-                        progress=progress)
-    slim.record["quality"] = {"eval": quality}
-    slim.record["data"] = task.describe()
-    models.save(slim, out)
+    then remove the checkpoints (only once the result is safely on disk). Returns the eval quality.
+
+    Under torchrun / accelerate launch every process trained the same model (DDP keeps the replicas equal),
+    so only the main process scores and writes; the others wait for it and return its eval quality."""
+
+    def on_main() -> dict[str, Any]:
+        quality = _evaluate(torch_runner(slim.model), slim.tokenizer, task, "eval", max_length=max_length,
+                            progress=progress)
+        slim.record["quality"] = {"eval": quality}
+        slim.record["data"] = task.describe()
+        models.save(slim, out)
+        return quality
+
+    quality = distributed.main_only(on_main)
     clean_work_dir(work)
     return quality
 
@@ -85,18 +93,31 @@ def evaluate(model: str | os.PathLike, task: TaskData, split: str = "eval", *, b
 
 
 def measure(model: str | os.PathLike, *, batch: int = 1, seq: int = 128, threads: int | None = None,
-            runs: int = 50, warmup: int = 10, task: str | None = None, flops: bool = True) -> dict[str, Any]:
+            runs: int = 50, warmup: int = 10, task: str | None = None, flops: bool = True,
+            device: str = "auto") -> dict[str, Any]:
     """The cost card of a saved model (PyTorch, quantized or ONNX folder), or of a base model with a task
-    head for ``task``."""
+    head for ``task``. ``device``: ``auto`` measures a plain PyTorch model on the GPU when there is one and
+    everything else (ONNX Runtime, integer-quantized PyTorch: CPU kernels) on the CPU; ``cpu``; ``cuda``."""
+    import torch
+
     from slimformer.export import is_onnx_folder, measure_onnx
 
+    if device not in ("auto", "cpu", "cuda"):
+        raise SlimformerError(f"unknown device '{device}'; use auto, cpu or cuda")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SlimformerError("--device cuda: no CUDA GPU is visible here; use --device cpu")
     if Path(model).is_dir() and is_onnx_folder(model):
+        if device == "cuda":
+            raise SlimformerError(f"{model} is an ONNX folder, measured with ONNX Runtime on the CPU; use --device cpu")
         return measure_onnx(model, batch=batch, seq=seq, threads=threads, warmup=warmup, runs=runs)
     path, is_local = models.resolve_model_path(model)
     record = models.read_record(path) if is_local else {}
     task_type = task or record.get("task", {}).get("type") or "sequence-classification"
     labels = None if record.get("task") else ["0", "1"]
     slim = models.load(model, task_type, labels)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() and not record.get("quantization") else "cpu"
+    slim.model.to(device)
     return measure_model(slim.model, slim.tokenizer, batch=batch, seq=seq, threads=threads, runs=runs,
                          warmup=warmup, folder=path if is_local and record else None, flops=flops)
 
@@ -119,7 +140,7 @@ print("SLIMFORMER-CARD " + json.dumps(card, default=str))
 
 
 def measure_fresh(model: str | os.PathLike, *, batch: int = 1, seq: int = 128, threads: int | None = None,
-                  runs: int = 30, warmup: int = 5, throughput_batch: int = 32) -> dict[str, Any]:
+                  runs: int = 30, warmup: int = 5, throughput_batch: int = 32, device: str = "auto") -> dict[str, Any]:
     """Measure in a new Python process, as ``slimformer measure`` does: nothing the caller did before
     (training, other models in memory) affects the timing, and the peak memory is this model's alone.
 
@@ -130,7 +151,7 @@ def measure_fresh(model: str | os.PathLike, *, batch: int = 1, seq: int = 128, t
     import sys
 
     kw = {"batch": batch, "seq": seq, "threads": threads, "runs": runs, "warmup": warmup, "flops": False,
-          "throughput_batch": throughput_batch}
+          "throughput_batch": throughput_batch, "device": device}
     env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
     proc = subprocess.run([sys.executable, "-c", _CHILD, str(model), json.dumps(kw)], capture_output=True,
                           text=True, env=env)

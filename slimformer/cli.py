@@ -72,6 +72,16 @@ def _config(cls, **values: Any):
         raise SlimformerError(f"invalid setting {field}={err.get('input')!r}: {err['msg']}") from None
 
 
+def _one_process(command: str) -> None:
+    """Refuse a multi-process launch for commands whose every process would write the same output."""
+    from slimformer import distributed
+
+    if distributed.world_size() > 1:
+        raise SlimformerError(f"slimformer {command} runs as one process, not under torchrun or accelerate launch; "
+                              "start it directly (finetune and distill run on several; a search scales out "
+                              "with --worker processes)")
+
+
 def _print_json(obj: Any) -> None:
     out_console.print_json(json.dumps(obj, default=str))
 
@@ -215,6 +225,8 @@ def measure(
     threads: Annotated[int | None, typer.Option(help="intra-op threads (default: all cores)")] = None,
     runs: Annotated[int, typer.Option(help="timed runs (at least 30)", min=30)] = 50,
     warmup: Annotated[int, typer.Option(help="untimed warm-up runs")] = 10,
+    device: Annotated[str, typer.Option(help="auto (GPU for plain PyTorch models when present) | cpu | cuda")] = (
+        "auto"),
     task: TaskOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
@@ -222,15 +234,18 @@ def measure(
     from slimformer import api
 
     with _stdout_for(json_out):
-        card = api.measure(model, batch=batch, seq=seq, threads=threads, runs=runs, warmup=warmup, task=task)
+        card = api.measure(model, batch=batch, seq=seq, threads=threads, runs=runs, warmup=warmup, task=task,
+                           device=device)
     if json_out:
         _print_json(card)
         return
     table = Table(title=f"cost card: {model}")
     table.add_column("quantity")
     table.add_column("value", justify="right")
-    for key in ("backend", "parameters", "nonzero_parameters", "size_mb", "flops", "batch", "seq", "threads",
-                "latency_ms_p50", "latency_ms_p95", "throughput_per_s", "peak_rss_mb"):
+    for key in ("backend", "device", "parameters", "nonzero_parameters", "size_mb", "flops", "batch", "seq", "threads",
+                "latency_ms_p50", "latency_ms_p95", "throughput_per_s", "peak_rss_mb", "peak_cuda_mb"):
+        if key in ("device", "peak_cuda_mb") and key not in card:
+            continue
         v = card.get(key)
         table.add_row(key, f"{v:,.3f}" if isinstance(v, float) else f"{v:,}" if isinstance(v, int) else str(v))
     hw = card["hardware"]
@@ -304,6 +319,7 @@ def prune(
     json_out: JsonOpt = False,
 ) -> None:
     """Prune heads, FFN neurons, layers, vocabulary (and single weights), recover, score the eval split."""
+    _one_process("prune")
     from slimformer.models import check_out_dir
     from slimformer.stages.prune import PruneConfig, prune_job
 
@@ -371,6 +387,7 @@ def search(
     json_out: JsonOpt = False,
 ) -> None:
     """Search distillation x pruning x quantization for the best model under a budget, and report it."""
+    _one_process("search")
     import yaml
 
     from slimformer.pareto import parse_budget
@@ -408,6 +425,7 @@ def run_recipe(
     json_out: JsonOpt = False,
 ) -> None:
     """Run a recipe (finetune, distill, prune, quantize stages in order) and save the result."""
+    _one_process("run")
     from slimformer.recipe import Recipe
     from slimformer.recipe import run_recipe as _run
 
@@ -456,6 +474,7 @@ def quantize(
     json_out: JsonOpt = False,
 ) -> None:
     """Quantize a model (PyTorch or ONNX Runtime scheme, post-training or QAT), save it, score it."""
+    _one_process("quantize")
     from slimformer.models import check_out_dir
     from slimformer.stages.finetune import TrainConfig
     from slimformer.stages.quantize import QuantizeConfig, quantize_job
@@ -509,6 +528,10 @@ def export(
 
 
 def _report_quality(result: dict[str, Any], json_out: bool, title: str) -> None:
+    from slimformer import distributed
+
+    if not distributed.is_main():  # under torchrun every process returns the result; one prints it
+        return
     if json_out:
         _print_json(result)
         return
@@ -535,6 +558,9 @@ def main() -> None:
     except KeyboardInterrupt:
         console.print("interrupted; finished work is kept (checkpoints resume on the next run)")
         sys.exit(130)
+    finally:
+        if "slimformer.distributed" in sys.modules:  # a multi-process run: leave its process group cleanly
+            sys.modules["slimformer.distributed"].finish()
 
 
 if __name__ == "__main__":

@@ -70,16 +70,18 @@ def time_runs(fn: Callable[[], Any], warmup: int = 5, runs: int = 30, min_second
               ) -> list[float]:
     """Wall-clock seconds of ``runs`` calls of ``fn`` after ``warmup`` calls (more runs until
     ``min_seconds`` have passed)."""
+    # CUDA kernels run asynchronously: wait for them before reading the clock, or only the launch is timed.
+    sync = torch.cuda.synchronize if torch.cuda.is_available() and torch.cuda.is_initialized() else (lambda: None)
     for _ in range(warmup):
         fn()
+    sync()
     times: list[float] = []
     start = time.perf_counter()
     while len(times) < runs or time.perf_counter() - start < min_seconds:
         t0 = time.perf_counter()
         fn()
+        sync()
         times.append(time.perf_counter() - t0)
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
     return times
 
 
@@ -208,18 +210,23 @@ def measure_model(
     torch.set_num_threads(threads)
     try:
         model.eval()
+        device = next(model.parameters()).device
         inputs = dummy_batch(tokenizer, batch, seq)
         import inspect
 
         accepted = set(inspect.signature(model.forward).parameters)
-        inputs = {k: v for k, v in inputs.items() if k in accepted}
+        inputs = {k: v.to(device) for k, v in inputs.items() if k in accepted}
 
         @torch.inference_mode()
         def run(x: dict[str, Any]) -> Any:
             return model(**x)
 
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
         timing = measure_runner(run, inputs, batch=batch, seq=seq, threads=threads, warmup=warmup, runs=runs)
-        card: dict[str, Any] = {"backend": "pytorch", **count_parameters(model)}
+        card: dict[str, Any] = {"backend": "pytorch", "device": str(device), **count_parameters(model)}
+        if device.type == "cuda":  # resident memory is the host's; the model's own memory is on the GPU
+            card["peak_cuda_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
         card["sparsity"] = 1 - card["nonzero_parameters"] / max(1, card["parameters"])
         card["size_bytes"] = folder_size(folder) if folder else state_dict_bytes(model)
         card["size_mb"] = card["size_bytes"] / 1e6

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from slimformer import distributed
 from slimformer.errors import SlimformerError
 from slimformer.models import SlimModel
 from slimformer.tasks import Collator, TaskData, TaskType, encode, primary_metric
@@ -134,7 +135,8 @@ def train(
     if task.type == TaskType.CAUSAL_LM:
         metric, direction = "loss", "lower"
 
-    steps_per_epoch = max(1, -(-len(train_feats) // config.batch_size))
+    # batch_size is per process: under torchrun / accelerate launch each optimizer step sees world_size batches.
+    steps_per_epoch = max(1, -(-len(train_feats) // (config.batch_size * distributed.world_size())))
     eval_every = max(1, steps_per_epoch // config.evals_per_epoch)
     work_dir = Path(work_dir)
     args = TrainingArguments(
@@ -167,6 +169,10 @@ def train(
         disable_tqdm=not progress,
         dataloader_num_workers=0,
         save_only_model=False,
+        # Under DDP the Trainer would otherwise multiply each process's loss by the number of processes,
+        # assuming the model divides by the global token count; BERT-style heads take a plain mean, so
+        # losses and gradients came out N times too large. Per-process means, averaged by DDP, are right.
+        average_tokens_across_devices=False,
     )
     trainer_cls = trainer_cls or Trainer
     kwargs = dict(trainer_kwargs or {})
@@ -182,12 +188,18 @@ def train(
         **kwargs,
     )
     has_checkpoint = work_dir.exists() and any(work_dir.glob("checkpoint-*"))
+    device = next(model.parameters()).device
     out = trainer.train(resume_from_checkpoint=True if has_checkpoint else None)
+    # The Trainer leaves the model on its GPU; give it back where it came from, as callers expect (scoring,
+    # surgery and saving run where the model was loaded).
+    model.to(device)
     best = trainer.state.best_metric
     summary = {
         "train_examples": len(train_feats),
+        "processes": distributed.world_size(),
         "steps": trainer.state.global_step,
-        "train_loss": float(out.training_loss),
+        # The Trainer's last, unlogged stretch of loss is this process's alone: average it over processes.
+        "train_loss": distributed.mean(float(out.training_loss)),
         "train_seconds": float(out.metrics.get("train_runtime", 0.0)),
         "best_tuning_metric": {metric: best} if best is not None else None,
         "best_checkpoint": Path(trainer.state.best_model_checkpoint).name
@@ -270,8 +282,11 @@ def finetune(slim: SlimModel, task: TaskData, config: FinetuneConfig, work_dir: 
 
 
 def clean_work_dir(work_dir: str | Path) -> None:
-    """Remove checkpoints once the final model is safely saved."""
-    shutil.rmtree(work_dir, ignore_errors=True)
+    """Remove checkpoints once the final model is safely saved. Every process of a distributed job calls
+    this; the main process removes the folder once all have stopped reading checkpoints from it."""
+    distributed.barrier()
+    if distributed.is_main():
+        shutil.rmtree(work_dir, ignore_errors=True)
 
 
 __all__ = ["FinetuneConfig", "Method", "Precision", "TrainConfig", "clean_work_dir", "finetune", "train",
