@@ -15,6 +15,12 @@ How a search runs (``run_search``):
 
 The study lives in a storage (SQLite in the output folder by default, any Optuna URL): a search killed and
 started again with the same command keeps every finished candidate and re-runs only the unfinished one.
+
+Several workers (``worker=True``, on one machine or many sharing the output folder) can run trials of one
+study on a shared storage. Cache entries are built under file locks, so no two workers build or measure the
+same thing; each candidate records the host that measured it, and the final, non-worker run measures again
+on its own host the candidates that decide the outcome (Pareto front and choice), since latency only
+compares on one machine. See ``docs/scale-out.md``.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import time
 from enum import StrEnum
@@ -31,7 +38,7 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from slimformer import models
+from slimformer import distributed, models
 from slimformer.errors import SlimformerError
 from slimformer.pareto import (
     OBJECTIVES,
@@ -148,15 +155,20 @@ class Builder:
         return self._teacher
 
     def student(self, depth: int) -> Path:
-        from slimformer.api import work_dir_for
-        from slimformer.stages.distill import DistillConfig, distill
-
         n = self.teacher.config.num_hidden_layers
         if depth == n:
             return self.teacher_path
         path = self.cache / f"student-d{depth}"
-        if (path / models.RECORD_FILE).exists():
-            return path
+        if not (path / models.RECORD_FILE).exists():
+            with _building(path):
+                if not (path / models.RECORD_FILE).exists():  # another worker may have built it meanwhile
+                    self._distil(depth, path)
+        return path
+
+    def _distil(self, depth: int, path: Path) -> None:
+        from slimformer.api import work_dir_for
+        from slimformer.stages.distill import DistillConfig, distill
+
         sp = self.config.space
         cfg = DistillConfig(num_layers=depth, alpha=sp.alpha, temperature=sp.temperature, epochs=sp.kd_epochs,
                             learning_rate=sp.kd_learning_rate, max_train_examples=sp.kd_max_examples,
@@ -164,18 +176,22 @@ class Builder:
         student, _ = distill(self.teacher, self.task, cfg, work_dir_for(path), progress=self.progress)
         models.save(student, path)
         shutil.rmtree(work_dir_for(path), ignore_errors=True)
-        return path
 
     def pruned(self, depth: int, heads: float, ffn: float, vocab: bool) -> Path:
-        from slimformer.api import work_dir_for
-        from slimformer.stages.prune import PruneConfig, prune
-
         student_path = self.student(depth)
         if not (heads or ffn or vocab):
             return student_path
         path = self.cache / f"d{depth}-h{_fmt(heads)}-f{_fmt(ffn)}-v{int(vocab)}"
-        if (path / models.RECORD_FILE).exists():
-            return path
+        if not (path / models.RECORD_FILE).exists():
+            with _building(path):
+                if not (path / models.RECORD_FILE).exists():
+                    self._prune(student_path, heads, ffn, vocab, path)
+        return path
+
+    def _prune(self, student_path: Path, heads: float, ffn: float, vocab: bool, path: Path) -> None:
+        from slimformer.api import work_dir_for
+        from slimformer.stages.prune import PruneConfig, prune
+
         slim = models.load(student_path)
         sp = self.config.space
         structural = bool(heads or ffn)
@@ -188,18 +204,22 @@ class Builder:
               progress=self.progress)
         models.save(slim, path)
         shutil.rmtree(work_dir_for(path), ignore_errors=True)
-        return path
 
     def artifact(self, p: dict[str, Any]) -> Path:
-        from slimformer.stages.quantize import QuantizeConfig, quantize_onnx, quantize_torch
-
         src = self.pruned(p["depth"], p["heads"], p["ffn"], p["vocab"])
         precision = Precision(p["precision"])
         if precision == Precision.FP32:
             return src
         path = self.out / "candidates" / f"{src.name}-{precision.value}"
-        if (path / models.RECORD_FILE).exists():
-            return path
+        if not (path / models.RECORD_FILE).exists():
+            with _building(path):
+                if not (path / models.RECORD_FILE).exists():
+                    self._convert(src, precision, path)
+        return path
+
+    def _convert(self, src: Path, precision: Precision, path: Path) -> None:
+        from slimformer.stages.quantize import QuantizeConfig, quantize_onnx, quantize_torch
+
         slim = models.load(src)
         if precision == Precision.ORT_FP32:
             from slimformer.export import export_onnx
@@ -219,7 +239,13 @@ class Builder:
             def write(tmp: Path) -> None:
                 models.save(slim, tmp)
         models.atomic_dir(path, write)
-        return path
+
+
+def _building(path: Path):
+    """Workers sharing the output folder build each cache entry once: the others wait, then reuse it. The
+    lock also keeps two workers out of one entry's checkpoint folder; a killed builder's checkpoints are
+    resumed by the next."""
+    return distributed.file_lock(path.parent / f".{path.name}.lock")
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -240,12 +266,15 @@ def _cost(path: Path, config: SearchConfig) -> dict[str, Any]:
     from slimformer import api
 
     threads = config.threads or torch.get_num_threads()
+    # On the CPU even where there is a GPU: candidates include CPU-only backends (ONNX Runtime, dynamic int8),
+    # and they only compare when measured on one device.
     if config.fresh_process_measurement:
         return api.measure_fresh(path, batch=config.batch, seq=config.seq, threads=threads, runs=config.runs,
-                                 throughput_batch=config.throughput_batch)
-    card = api.measure(path, batch=config.batch, seq=config.seq, threads=threads, runs=config.runs, flops=False)
+                                 throughput_batch=config.throughput_batch, device="cpu")
+    card = api.measure(path, batch=config.batch, seq=config.seq, threads=threads, runs=config.runs, flops=False,
+                       device="cpu")
     card["throughput_batch_per_s"] = api.measure(path, batch=config.throughput_batch, seq=config.seq, threads=threads,
-                                                 runs=30, warmup=2, flops=False)["throughput_per_s"]
+                                                 runs=30, warmup=2, flops=False, device="cpu")["throughput_per_s"]
     return card
 
 
@@ -318,7 +347,9 @@ def prepare_teacher(model: str, task: TaskData, config: SearchConfig, out: Path,
         return Path(path)
     teacher = out / "teacher"
     if not (teacher / models.RECORD_FILE).exists():
-        api.finetune(model, task, config.finetune, teacher, progress=progress)
+        with _building(teacher):  # workers starting together fine-tune the teacher once
+            if not (teacher / models.RECORD_FILE).exists():
+                api.finetune(model, task, config.finetune, teacher, progress=progress)
     return teacher
 
 
@@ -329,8 +360,9 @@ def _storage(config: SearchConfig, out: Path):
     url = config.storage or f"sqlite:///{(out / 'study.db').resolve()}"
     if url.startswith(("sqlite", "postgresql", "mysql")):
         # Heartbeats let a restarted search (or another worker) notice a trial whose process died, fail it
-        # and run it again, so no finished work is lost and no candidate is left half-done.
-        return RDBStorage(url, heartbeat_interval=5, grace_period=15,
+        # and run it again, so no finished work is lost and no candidate is left half-done. The grace period
+        # is generous so that a live worker on a loaded machine, whose heartbeat thread may lag, keeps its trial.
+        return RDBStorage(url, heartbeat_interval=5, grace_period=60,
                           failed_trial_callback=RetryFailedTrialCallback(max_retry=2))
     if url.endswith(".log") or url.startswith("journal:"):
         from optuna.storages.journal import JournalFileBackend, JournalStorage
@@ -339,16 +371,18 @@ def _storage(config: SearchConfig, out: Path):
     return optuna.storages.get_storage(url)
 
 
-def _sampler(config: SearchConfig, space: dict[str, list[Any]]):
+def _sampler(config: SearchConfig, space: dict[str, list[Any]], worker: bool = False):
     import optuna
 
+    # Workers draw their own seed: with the same one they would all propose the same candidates.
+    seed = None if worker else config.seed
     if config.strategy == Strategy.GRID:
-        return optuna.samplers.GridSampler(space, seed=config.seed)
+        return optuna.samplers.GridSampler(space, seed=seed)
     if config.strategy == Strategy.RANDOM:
-        return optuna.samplers.RandomSampler(seed=config.seed)
+        return optuna.samplers.RandomSampler(seed=seed)
     if config.strategy == Strategy.NSGA2:
-        return optuna.samplers.NSGAIISampler(seed=config.seed)
-    return optuna.samplers.TPESampler(seed=config.seed, n_startup_trials=8, multivariate=True)
+        return optuna.samplers.NSGAIISampler(seed=seed)
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=8, multivariate=True)
 
 
 def reference_params(n_layers: int) -> list[dict[str, Any]]:
@@ -369,12 +403,46 @@ def seed_params(space: SearchSpace, n_layers: int) -> list[dict[str, Any]]:
     return out
 
 
-def _stale_trials_to_fail(study) -> None:
-    """A single-process search owns its study: trials left RUNNING by a killed run are failed (and retried)."""
+def _owner() -> dict[str, Any]:
+    """Who runs a trial: enough to tell later whether that process still lives."""
+    import psutil
+
+    return {**distributed.host(), "pid": os.getpid(), "started": psutil.Process().create_time()}
+
+
+def _dead(trial, grace_s: float) -> bool:
+    """Whether a RUNNING trial's process is provably gone: a process of this machine that no longer exists,
+    or, for a trial that never recorded its owner (an older search, or killed at its very start), one that
+    started more than ``grace_s`` ago. A trial run on another machine is never declared dead here: only the
+    storage's heartbeat can tell (RDB storages fail it once it stops beating)."""
+    import datetime
+
+    import psutil
+
+    owner = trial.user_attrs.get("worker")
+    if owner is None:
+        started = trial.datetime_start
+        return started is None or (datetime.datetime.now() - started).total_seconds() > grace_s
+    if not distributed.same_host(owner):
+        return False
+    try:
+        return abs(psutil.Process(owner["pid"]).create_time() - owner["started"]) > 0.01
+    except psutil.Error:
+        return True
+
+
+def _stale_trials_to_fail(study, grace_s: float = 30.0) -> None:
+    """Trials left RUNNING by a killed run are failed and their parameters queued again. Only dead ones
+    (:func:`_dead`): a live worker's trial, here or on another machine, keeps running."""
     import optuna
 
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        study._storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
+        if not _dead(t, grace_s):
+            continue
+        try:
+            study._storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue  # it finished (or was failed by another process) meanwhile
         study.enqueue_trial(t.params, skip_if_exists=False)
 
 
@@ -406,16 +474,18 @@ def run_search(model: str, task: TaskData, config: SearchConfig, out: str | os.P
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage = _storage(config, out)
     study = optuna.create_study(storage=storage, study_name="slimformer", load_if_exists=True,
-                                directions=["minimize", goal], sampler=_sampler(config, space_lists))
+                                directions=["minimize", goal], sampler=_sampler(config, space_lists, worker))
     if not worker:
         _stale_trials_to_fail(study)
-    if not study.trials and not worker:
+    # Whoever comes first (coordinator or worker) queues the references and seeds, once: skip_if_exists
+    # looks at every trial, and the lock keeps two processes from queueing them at the same moment.
+    with distributed.file_lock(out / ".locks" / "enqueue.lock"):
         for p in reference_params(n_layers) + seed_params(config.space, n_layers):
             study.enqueue_trial(p, skip_if_exists=True)
-    (out / "search.json").write_text(json.dumps({"model": model, "data": task.source, "config":
-                                                 config.model_dump(mode="json")}, indent=2))
+    _json_dump(out / "search.json", {"model": model, "data": task.source, "config": config.model_dump(mode="json")})
 
     def objective(trial) -> tuple[float, float]:
+        trial.set_user_attr("worker", _owner())
         p = {
             "depth": trial.suggest_categorical("depth", space_lists["depth"]),
             "heads": trial.suggest_categorical("heads", space_lists["heads"]),
@@ -424,19 +494,25 @@ def run_search(model: str, task: TaskData, config: SearchConfig, out: str | os.P
             "precision": trial.suggest_categorical("precision", space_lists["precision"]),
         }
         key = param_key(p)
-        done = _finished_candidate(study, key)
-        if done is not None:  # a repeat of a finished point: reuse its numbers, measure nothing twice
-            cand = done
-        elif p == reference_params(n_layers)[0]:  # the fp32 baseline itself: one measurement, not two
-            cand = make_candidate(key, p, teacher_path, baseline["quality"], baseline["cost"], baseline, task.type)
-        else:
-            t0 = time.time()
-            path = builder.artifact(p)
-            quality = _quality(path, task, "tuning", 200, threads)
-            card = _cost(path, config)
-            cand = make_candidate(key, p, path, quality, card, baseline, task.type)
-            cand = Candidate(**{**vars(cand), "params": {**p, "seconds": round(time.time() - t0, 1)}})
-        trial.set_user_attr("candidate", cand.to_dict())
+        # One process at a time per parameter set: a worker that draws a point another is measuring waits,
+        # then reuses its numbers.
+        with distributed.file_lock(out / ".locks" / f"{key}.lock"):
+            done = _finished_candidate(study, key)
+            if done is not None:  # a repeat of a finished point: reuse its numbers, measure nothing twice
+                cand = done
+                trial.set_user_attr("reused", True)
+            elif p == reference_params(n_layers)[0]:  # the fp32 baseline itself: one measurement, not two
+                cand = make_candidate(key, {**p, "measured_on": baseline.get("measured_on") or distributed.host()},
+                                      teacher_path, baseline["quality"], baseline["cost"], baseline, task.type)
+            else:
+                t0 = time.time()
+                path = builder.artifact(p)
+                quality = _quality(path, task, "tuning", 200, threads)
+                card = _cost(path, config)
+                cand = make_candidate(key, p, path, quality, card, baseline, task.type)
+                cand = Candidate(**{**vars(cand), "params": {**p, "seconds": round(time.time() - t0, 1),
+                                                             "measured_on": distributed.host()}})
+            trial.set_user_attr("candidate", cand.to_dict())
         if progress:
             m = cand.measurements
             log(f"trial {trial.number}: {key}: quality {m['quality'].value:.4f}, "
@@ -468,9 +544,12 @@ def run_search(model: str, task: TaskData, config: SearchConfig, out: str | os.P
 
 
 def _finished_candidate(study, key: str) -> Candidate | None:
+    """A measured candidate for ``key``. A RUNNING trial counts once it holds one: the candidate is stored as
+    the objective's last step, so another worker may see it a moment before that trial completes."""
     import optuna
 
-    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+    states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.RUNNING)
+    for t in study.get_trials(deepcopy=False, states=states):
         c = t.user_attrs.get("candidate")
         if c and c["name"] == key:
             return Candidate.from_dict(c)
@@ -478,13 +557,54 @@ def _finished_candidate(study, key: str) -> Candidate | None:
 
 
 def _baseline(out: Path, teacher_path: Path, task: TaskData, config: SearchConfig, threads: int) -> dict[str, Any]:
-    f = out / "baseline.json"
-    if f.exists():
-        return json.loads(f.read_text())
-    base = {"path": str(teacher_path), "quality": _quality(teacher_path, task, "tuning", 200, threads),
-            "cost": _cost(teacher_path, config)}
-    _json_dump(f, base)
-    return base
+    """The fp32 teacher: its tuning quality (once per search) and its cost on this host. Speed-ups divide
+    latencies, which only compare on one machine, so each host measures the baseline for itself:
+    ``baseline.json`` is the first host's, ``baseline-<host>.json`` any other's."""
+    me = distributed.host()
+    shared = out / "baseline.json"
+    with distributed.file_lock(out / ".locks" / "baseline.lock"):  # workers on one host measure it once
+        first = json.loads(shared.read_text()) if shared.exists() else None
+        if first is not None and distributed.same_host(first.get("measured_on")):
+            return first
+        f = shared if first is None else out / f"baseline-{re.sub(r'[^A-Za-z0-9._-]', '_', me['host'])}.json"
+        if f.exists():
+            return json.loads(f.read_text())
+        quality = first["quality"] if first else _quality(teacher_path, task, "tuning", 200, threads)
+        base = {"path": str(teacher_path), "quality": quality, "cost": _cost(teacher_path, config), "measured_on": me}
+        _json_dump(f, base)
+        return base
+
+
+def _measured_here(candidates: list[Candidate], budget: list[Constraint], objective_q: str, config: SearchConfig,
+                   baseline: dict[str, Any], fp32_name: str, task_type: TaskType, log=print) -> list[Candidate]:
+    """Latency and memory only compare on one machine. The candidates that decide the outcome (the Pareto
+    front and the choice under the budget) that a worker measured on another host are measured again here,
+    until every deciding candidate was measured on this host. The others keep their numbers, with a note."""
+    cands = {c.name: c for c in candidates}
+    while True:
+        current = list(cands.values())
+        chosen = choose(current, budget, objective_q)
+        deciding = pareto_front(current, [objective_q, "quality"]) + ([chosen] if chosen else [])
+        todo = {c.name: c for c in deciding if not distributed.same_host(c.params.get("measured_on"))}
+        if not todo:
+            break
+        for c in todo.values():
+            was = c.params["measured_on"]
+            log(f"measuring {c.name} again on this host (a worker measured it on {was['host']})")
+            # The fp32 reference is the baseline itself, already measured here.
+            card = baseline["cost"] if c.name == fp32_name else _cost(Path(c.path), config)
+            q = c.measurements["quality"]
+            ci = [q.value - q.spread, q.value + q.spread] if q.spread is not None else [math.nan, math.nan]
+            quality = {"value": q.value, "n": q.n, "ci95": ci}
+            params = {**c.params, "measured_on": distributed.host(), "first_measured_on": was}
+            cands[c.name] = make_candidate(c.name, params, Path(c.path), quality, card, baseline, task_type)
+    out = []
+    for c in cands.values():
+        where = c.params.get("measured_on")
+        if not distributed.same_host(where):
+            c = Candidate(**{**vars(c), "notes": (*c.notes, f"cost measured on another host ({where['host']})")})
+        out.append(c)
+    return out
 
 
 def collect(study) -> list[Candidate]:
@@ -508,9 +628,10 @@ def finish(study, out: Path, task: TaskData, config: SearchConfig, budget: list[
     candidates = collect(study)
     if not candidates:
         raise SlimformerError("no candidate finished; look at the errors above, or give the search more time")
+    ref_names = [param_key(p) for p in reference_params(_depth_of(teacher_path))]
+    candidates = _measured_here(candidates, budget, objective_q, config, baseline, ref_names[0], task.type, log=log)
     front = pareto_front(candidates, [objective_q, "quality"])
     chosen = choose(candidates, budget, objective_q)
-    ref_names = [param_key(p) for p in reference_params(_depth_of(teacher_path))]
     references = [c for c in candidates if c.name in ref_names]
 
     confirmation: dict[str, Any] = {}
