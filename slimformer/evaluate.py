@@ -28,8 +28,9 @@ def torch_runner(model: torch.nn.Module) -> Runner:
 
     @torch.inference_mode()
     def run(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        inputs = {k: v for k, v in batch.items() if k in MODEL_INPUTS and k in accepted}
-        return model(**inputs).logits.float()
+        device = next(model.parameters()).device
+        inputs = {k: v.to(device) for k, v in batch.items() if k in MODEL_INPUTS and k in accepted}
+        return model(**inputs).logits.float().cpu()
 
     return run
 
