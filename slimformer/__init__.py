@@ -10,7 +10,13 @@ The curated public API (imported lazily, so ``import slimformer`` stays cheap)::
 from __future__ import annotations
 
 import importlib
+import logging
 from typing import Any
+
+# torchao (pulled in by accelerate/peft) logs a warning for each optional CUDA kernel it cannot load on a
+# CPU machine, and registers enums that make torch's pytree module warn: noise on every command start.
+logging.getLogger("torchao").setLevel(logging.ERROR)
+logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
 
 __version__ = "0.1.0"
 
