@@ -128,7 +128,7 @@ def main() -> None:
     ap.add_argument("--calibration", type=int, default=256, help="calibration examples for ort-static-int8")
     ap.add_argument("--qat", action="store_true", help="add a qat-int8 row (fake-quant fine-tuning, then ORT int8)")
     ap.add_argument("--qat-max-train-examples", type=int, default=8000, help="QAT training examples")
-    ap.add_argument("--qat-lr", type=float, default=1e-5, help="QAT learning rate")
+    ap.add_argument("--qat-lr", type=float, default=2e-5, help="QAT learning rate")
     ap.add_argument("--qat-target", default="ort-dynamic-int8", help="ort-dynamic-int8 | torch-dynamic-int8")
     args = ap.parse_args()
 

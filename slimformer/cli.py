@@ -461,7 +461,9 @@ def quantize(
     qat_target: Annotated[str, typer.Option(help="qat-int8: ort-dynamic-int8 | torch-dynamic-int8")] = (
         "ort-dynamic-int8"),
     epochs: Annotated[float, typer.Option(help="qat-int8: passes over the training data")] = 1.0,
-    lr: Annotated[float, typer.Option("--lr", help="qat-int8: peak learning rate")] = 1e-5,
+    lr: Annotated[float, typer.Option("--lr", help="qat-int8: peak learning rate")] = 2e-5,
+    teacher_weight: Annotated[float, typer.Option(help="qat-int8: weight of matching the float model (rest: "
+                                                       "labels)")] = 1.0,
     batch_size: Annotated[int, typer.Option(help="qat-int8: training batch size")] = 32,
     max_length: Annotated[int, typer.Option(help="truncate inputs to N tokens")] = 128,
     max_train_examples: MaxTrainOpt = None,
@@ -485,7 +487,7 @@ def quantize(
     cfg = _config(QuantizeConfig, scheme=scheme, embeddings=embeddings, group_size=group_size, per_channel=per_channel,
                   calibration=calibration, calibration_examples=calibration_examples, percentile=percentile,
                   outlier_layers=outlier_layers, opset=opset, max_length=max_length, qat_target=qat_target, qat=qat,
-                  seed=seed)
+                  qat_teacher_weight=teacher_weight, seed=seed)
     td = None
     if data is not None:
         td = _task_data(data, task, text_column, label_column, labels, eval_split, seed, max_train_examples,

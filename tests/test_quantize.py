@@ -185,7 +185,9 @@ def test_qat_trains_with_fake_quant_and_converts_to_real_int8(fp32_dir, tmp_path
     before = slim.model.bert.encoder.layer[0].intermediate.dense.weight.detach().clone()
     cfg = QuantizeConfig(scheme="qat-int8", qat_target="torch-dynamic-int8",
                          qat=TrainConfig(epochs=1, batch_size=8, learning_rate=1e-3, precision="fp32"))
-    summary = quantization_aware_training(slim, task, cfg, tmp_path / "work", progress=False)
+    # Labels only here; the job below trains against the float model (the default teacher weight 1).
+    summary = quantization_aware_training(slim, task, cfg.model_copy(update={"qat_teacher_weight": 0.0}),
+                                          tmp_path / "work", progress=False)
     assert summary["fake_quant_linears"] == 14 and summary["steps"] == 2
     assert not torch.equal(before, slim.model.bert.encoder.layer[0].intermediate.dense.weight)
     assert not any(isinstance(m, _FakeQuantLinear) for m in slim.model.modules())
@@ -193,6 +195,7 @@ def test_qat_trains_with_fake_quant_and_converts_to_real_int8(fp32_dir, tmp_path
     result = quantize_job(fp32_dir, task, cfg, tmp_path / "qat", progress=False)
     q = result["quantization"]
     assert q["scheme"] == "torch-dynamic-int8" and q["qat"]["target"] == "torch-dynamic-int8"
+    assert q["qat"]["teacher_weight"] == 1.0 and q["qat"]["layer_map"] == [0, 1]  # the distillation loop ran
     assert models.load(tmp_path / "qat").record["history"][-1]["settings"]["scheme"] == "qat-int8"
 
 

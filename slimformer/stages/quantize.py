@@ -88,7 +88,7 @@ class QatTarget(StrEnum):
 
 def _qat_train_default() -> TrainConfig:
     # A short, gentle pass: QAT adapts a trained model to rounding noise, it does not re-learn the task.
-    return TrainConfig(epochs=1.0, learning_rate=1e-5, warmup_ratio=0.0, evals_per_epoch=2)
+    return TrainConfig(epochs=1.0, learning_rate=2e-5, warmup_ratio=0.0, evals_per_epoch=2)
 
 
 class QuantizeConfig(BaseModel):
@@ -119,6 +119,10 @@ class QuantizeConfig(BaseModel):
                                   description="qat-int8: the real int8 scheme the trained model is converted to")
     qat: TrainConfig = Field(default_factory=_qat_train_default,
                              description="qat-int8: training-loop settings of the fake-quant fine-tuning")
+    qat_teacher_weight: float = Field(1.0, ge=0, le=1, description="qat-int8: weight of matching the float "
+                                                                   "model's outputs (distillation); the rest: labels")
+    qat_temperature: float = Field(2.0, gt=0, le=100, description="qat-int8: softmax temperature of the float "
+                                                                  "model's soft targets")
     seed: int = Field(0, ge=0, description="random seed (calibration sample, QAT data order)")
 
     @property
@@ -659,12 +663,25 @@ def _set_fake_quant(model: nn.Module, on: bool, target: QatTarget = QatTarget.OR
 
 def quantization_aware_training(slim: models.SlimModel, task: TaskData, config: QuantizeConfig,
                                 work_dir: Path, progress: bool = True) -> dict[str, Any]:
-    """Fine-tune ``slim`` with fake-quant Linear layers (reusing the fine-tuning loop), then remove them."""
+    """Fine-tune ``slim`` with fake-quant Linear layers, then remove them (the weights stay float; the target
+    scheme quantizes them for real). With ``qat_teacher_weight`` > 0 the float model is the teacher: the
+    quantized model learns to give the float model's outputs, which is what accuracy recovery means, rather
+    than drifting to a different model that happens to fit the labels (the distillation stage's loop)."""
+    import copy
+
     from slimformer.stages.finetune import train
 
+    teacher = copy.deepcopy(slim.model).eval() if config.qat_teacher_weight > 0 else None
     n = _set_fake_quant(slim.model, True, config.qat_target)
     try:
-        summary = train(slim, task, config.qat, work_dir, progress=progress)
+        if teacher is not None:
+            from slimformer.stages.distill import DistillConfig, distill_train
+
+            kd = DistillConfig(**config.qat.model_dump(), alpha=1 - config.qat_teacher_weight,
+                               temperature=config.qat_temperature)
+            summary = distill_train(slim, teacher, task, kd, work_dir, progress=progress)
+        else:
+            summary = train(slim, task, config.qat, work_dir, progress=progress)
     finally:
         _set_fake_quant(slim.model, False)
     for p in slim.model.parameters():
@@ -672,6 +689,7 @@ def quantization_aware_training(slim: models.SlimModel, task: TaskData, config: 
     slim.model.eval()
     summary["fake_quant_linears"] = n
     summary["target"] = config.qat_target.value
+    summary["teacher_weight"] = config.qat_teacher_weight
     return summary
 
 
