@@ -207,6 +207,11 @@ def train(
         "resumed": has_checkpoint,
         "bf16": args.bf16,
     }
+    # accelerate leaves forward wrapped in bf16 autocast after bf16 training; unwrap it so the model is
+    # scored in this process exactly as its saved fp32 weights will run after reloading.
+    if "_original_forward" in model.__dict__:
+        model.__dict__.pop("forward", None)
+        model.__dict__.pop("_original_forward", None)
     model.eval()
     return summary
 
