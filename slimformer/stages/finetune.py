@@ -207,13 +207,17 @@ def train(
         "resumed": has_checkpoint,
         "bf16": args.bf16,
     }
-    # accelerate leaves forward wrapped in bf16 autocast after bf16 training; unwrap it so the model is
-    # scored in this process exactly as its saved fp32 weights will run after reloading.
+    restore_plain_forward(model)
+    model.eval()
+    return summary
+
+
+def restore_plain_forward(model: torch.nn.Module) -> None:
+    """accelerate leaves ``model.forward`` wrapped in bf16 autocast after bf16 training; unwrap it so the
+    model is scored in this process exactly as its saved fp32 weights will run after reloading."""
     if "_original_forward" in model.__dict__:
         model.__dict__.pop("forward", None)
         model.__dict__.pop("_original_forward", None)
-    model.eval()
-    return summary
 
 
 def _freeze_below_top_k(slim: SlimModel, k: int) -> None:
@@ -294,5 +298,6 @@ def clean_work_dir(work_dir: str | Path) -> None:
         shutil.rmtree(work_dir, ignore_errors=True)
 
 
-__all__ = ["FinetuneConfig", "Method", "Precision", "TrainConfig", "clean_work_dir", "finetune", "train",
+__all__ = ["FinetuneConfig", "Method", "Precision", "TrainConfig", "clean_work_dir", "finetune",
+           "restore_plain_forward", "train",
            "use_bf16", "np"]

@@ -30,10 +30,9 @@ from torch import nn
 from slimformer import models
 from slimformer.arch import adapter_for
 from slimformer.errors import SlimformerError
-from slimformer.evaluate import evaluate, torch_runner
 from slimformer.importance import Scope, Unit, magnitude, select_keep, task_batches, taylor_scores, unit_step
 from slimformer.models import SlimModel, count_parameters
-from slimformer.stages.finetune import TrainConfig, clean_work_dir, train
+from slimformer.stages.finetune import TrainConfig, clean_work_dir, restore_plain_forward, train
 from slimformer.surgery import (
     SurgeryPlan,
     corpus_token_ids,
@@ -161,16 +160,7 @@ def recover(slim: SlimModel, task: TaskData, config: PruneConfig, work_dir: str 
     try:
         return _recover(slim, task, config, work_dir, teacher, layer_map=layer_map, progress=progress)
     finally:
-        _drop_autocast_wrapper(slim.model)
-
-
-def _drop_autocast_wrapper(model: nn.Module) -> None:
-    """With bf16 training, accelerate replaces ``model.forward`` by an autocast wrapper and leaves it on the
-    model after training; the saved weights are then scored in fp32 elsewhere. Restore the plain forward so
-    that the in-process evaluation measures the model that is saved."""
-    if "_original_forward" in model.__dict__:
-        model.__dict__.pop("forward", None)
-        model.__dict__.pop("_original_forward", None)
+        restore_plain_forward(slim.model)  # also after a failed round
 
 
 def _recover(slim: SlimModel, task: TaskData, config: PruneConfig, work_dir: str | Path, teacher: nn.Module | None,
@@ -361,14 +351,11 @@ def prune_job(model: str | Path, task: TaskData, config: PruneConfig, out: str |
     _check_layers_early(model, config)
     slim = models.load(model, task.type, task.label_names)
     before = (slim.record.get("quality") or {}).get("eval")
-    work = out.parent / f".{out.name}.work"  # beside the output, like the other jobs
+    from slimformer.api import score_and_save, work_dir_for
+
+    work = work_dir_for(out)
     summary = prune(slim, task, config, work, progress=progress)
-    quality = evaluate(torch_runner(slim.model), slim.tokenizer, task, "eval", max_length=config.max_length,
-                       progress=progress)
-    slim.record["quality"] = {"eval": quality}
-    slim.record["data"] = task.describe()
-    models.save(slim, out)
-    clean_work_dir(work)
+    quality = score_and_save(slim, task, out, work, max_length=config.max_length, progress=progress)
     return {"out": str(out), "pruning": summary, "quality": quality, "quality_before": before,
             "seconds": time.time() - t0}
 
