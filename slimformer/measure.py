@@ -62,8 +62,11 @@ def dummy_batch(tokenizer, batch: int, seq: int, seed: int = 0) -> dict[str, tor
     special = set(getattr(tokenizer, "all_special_ids", []) or [])
     low = max(special) + 1 if special and max(special) < vocab // 2 else 1000 if vocab > 2000 else 1
     ids = torch.randint(low, vocab, (batch, seq), generator=g)
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids),
-            "token_type_ids": torch.zeros_like(ids)}
+    out = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    # Only models whose tokenizer produces segment ids get them (a decoder would add an unused embedding).
+    if "token_type_ids" in (getattr(tokenizer, "model_input_names", None) or ["token_type_ids"]):
+        out["token_type_ids"] = torch.zeros_like(ids)
+    return out
 
 
 def time_runs(fn: Callable[[], Any], warmup: int = 5, runs: int = 30, min_seconds: float = 0.0

@@ -55,11 +55,12 @@ def test_p50_agrees_with_plain_pytorch_timing():
         return statistics.median(times) * 1000
 
     ours, theirs = [], []
-    for _ in range(3):  # interleave to share whatever else the machine is doing
+    for _ in range(4):  # interleave to share whatever else the machine is doing
         theirs.append(plain())
         ours.append(measure_model(slim.model, slim.tokenizer, batch=1, seq=128, threads=1, runs=40,
                                   warmup=5, flops=False)["latency_ms_p50"])
-    ratio = statistics.median(ours) / statistics.median(theirs)
+    # The lowest round of each is the one least disturbed by other processes (a busy CI machine).
+    ratio = min(ours) / min(theirs)
     assert 0.8 <= ratio <= 1.2, (ours, theirs)
 
 
