@@ -112,14 +112,25 @@ def measure(model: str | os.PathLike, *, batch: int = 1, seq: int = 128, threads
         return measure_onnx(model, batch=batch, seq=seq, threads=threads, warmup=warmup, runs=runs)
     path, is_local = models.resolve_model_path(model)
     record = models.read_record(path) if is_local else {}
-    task_type = task or record.get("task", {}).get("type") or "sequence-classification"
-    labels = None if record.get("task") else ["0", "1"]
+    task_type = task or record.get("task", {}).get("type") or _default_task(path)
+    labels = None if record.get("task") or task_type == "causal-lm" else ["0", "1"]
     slim = models.load(model, task_type, labels)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() and not record.get("quantization") else "cpu"
     slim.model.to(device)
     return measure_model(slim.model, slim.tokenizer, batch=batch, seq=seq, threads=threads, runs=runs,
                          warmup=warmup, folder=path if is_local and record else None, flops=flops)
+
+
+def _default_task(path: str) -> str:
+    """The task to measure a bare model with: causal-lm for a decoder with an LM head, else a 2-label classifier."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError):
+        return "sequence-classification"  # models.load gives the one-line error
+    return "causal-lm" if models.is_causal_lm_config(config) else "sequence-classification"
 
 
 _CHILD = """

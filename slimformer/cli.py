@@ -40,7 +40,8 @@ EvalSplitOpt = Annotated[str | None, typer.Option("--eval-split", help="held-out
 OutOpt = Annotated[Path, typer.Option("--out", "-o", help="output folder (written atomically)")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print machine-readable JSON on stdout")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="random seed")]
-MaxTrainOpt = Annotated[int | None, typer.Option("--max-train-examples", help="use only N training examples")]
+MaxTrainOpt = Annotated[int | None, typer.Option(
+    "--max-train-examples", help="use only N training examples (causal-lm: blocks of --max-length tokens)")]
 MaxEvalOpt = Annotated[int | None, typer.Option("--max-eval-examples", help="score only N examples")]
 
 
@@ -134,7 +135,7 @@ def finetune(
                     max_eval_examples)
     cfg = _config(FinetuneConfig, method=method, top_k=top_k, lora_r=lora_r, epochs=epochs, learning_rate=lr,
                   batch_size=batch_size, max_length=max_length, evals_per_epoch=evals_per_epoch,
-                  precision=precision, report_to=report_to or [], seed=seed)
+                  precision=precision, report_to=report_to or [], seed=seed, max_train_examples=max_train_examples)
     with _stdout_for(json_out):
         result = api.finetune(model, td, cfg, out, progress=not json_out)
     _report_quality(result, json_out, title=f"fine-tuned model saved to {out}")
@@ -183,7 +184,8 @@ def distill(
     cfg = _config(DistillConfig, num_layers=depth, layers=layer_list, alpha=alpha, temperature=temperature,
                   hidden_weight=hidden_weight, attention_weight=attention_weight, cache_teacher=cache_teacher,
                   epochs=epochs, learning_rate=lr, batch_size=batch_size, max_length=max_length,
-                  evals_per_epoch=evals_per_epoch, precision=precision, seed=seed)
+                  evals_per_epoch=evals_per_epoch, precision=precision, seed=seed,
+                  max_train_examples=max_train_examples)
     with _stdout_for(json_out):
         result = api.distill(teacher, td, cfg, out, progress=not json_out)
     _report_quality(result, json_out, title=f"student saved to {out}")
@@ -540,7 +542,8 @@ def _report_quality(result: dict[str, Any], json_out: bool, title: str) -> None:
     q = result["quality"]
     lo, hi = q["ci95"]
     out_console.print(f"[bold]{title}[/bold]")
-    out_console.print(f"{q['metric']} on {q['split']} ({q['n']} examples): [bold]{q['value']:.4f}[/bold] "
+    unit = "scored tokens" if q["metric"] == "perplexity" else "examples"
+    out_console.print(f"{q['metric']} on {q['split']} ({q['n']} {unit}): [bold]{q['value']:.4f}[/bold] "
                       f"(95% CI {lo:.4f}–{hi:.4f})")
     others = {k: round(v, 4) for k, v in q.get("scores", {}).items() if k != q["metric"]}
     if others:

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from slimformer.errors import SlimformerError
 from slimformer.tasks import Collator, TaskData, TaskType, classification_scores, encode, entity_scores
 
 Runner = Callable[[dict[str, torch.Tensor]], torch.Tensor]
@@ -88,7 +89,7 @@ def evaluate(
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     if task.type == TaskType.CAUSAL_LM:
         return perplexity(runner, tokenizer, examples, max_length=max_length, stride=stride,
-                          bootstrap=bootstrap, seed=seed, split=split)
+                          bootstrap=bootstrap, seed=seed, split=split, batch_size=max(1, batch_size // 8))
     features = encode(task, examples, tokenizer, max_length=max_length)
     logits = predict(runner, features, batch_size=batch_size, pad_id=pad_id, progress=progress)
 
@@ -136,31 +137,51 @@ def _entity_counts(gold: list[list[str]], pred: list[list[str]]) -> tuple[np.nda
 
 
 def perplexity(runner: Runner, tokenizer, examples: list[dict[str, Any]], *, max_length: int = 512,
-               stride: int | None = None, bootstrap: int = 1000, seed: int = 0, split: str = "eval"
-               ) -> dict[str, Any]:
+               stride: int | None = None, bootstrap: int = 1000, seed: int = 0, split: str = "eval",
+               batch_size: int = 8) -> dict[str, Any]:
     """Sliding-window perplexity (the Hugging Face recipe): windows of ``max_length`` tokens moved by
-    ``stride``; each token is scored once, with up to ``max_length - stride`` tokens of context."""
+    ``stride`` (default half a window); each token after the first is scored exactly once, with up to
+    ``max_length - stride`` tokens of context (all before it in the first window).
+
+    ``exp(total NLL / scored tokens)``; the 95% interval resamples windows. Windows of equal length run
+    ``batch_size`` at a time (no padding, so no mask can change a score)."""
     text = "\n\n".join(e["text"] for e in examples)
-    ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"])
-    # Each window scores the tokens [pos, end) and sees up to max_length tokens ending at `end`, so every
-    # token after the first is scored exactly once, with at least max_length - stride tokens of context.
-    stride = min(stride or max_length // 2, max_length - 1)
-    window_nll, window_count = [], []
+    ids = torch.tensor(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"], dtype=torch.long)
+    if len(ids) < 2:
+        raise SlimformerError(f"the {split} text has {len(ids)} tokens; perplexity needs at least 2")
+    if max_length < 2:
+        raise SlimformerError(f"--max-length {max_length} is too short for perplexity; use 2 or more")
+    stride = min(stride or max(1, max_length // 2), max_length - 1)
+    # Window w scores the tokens [pos, end) and reads the max_length tokens (or fewer) ending at end.
+    windows: list[tuple[int, int, int]] = []  # (begin, pos, end)
     pos = 1
     while pos < len(ids):
         end = min(max_length if pos == 1 else pos + stride, len(ids))
-        begin = max(0, end - max_length)
-        chunk = ids[begin:end].unsqueeze(0)
-        logits = runner({"input_ids": chunk, "attention_mask": torch.ones_like(chunk)})
-        logp = torch.log_softmax(logits[0, :-1].float(), dim=-1)
-        nll = -logp.gather(1, chunk[0, 1:].unsqueeze(1)).squeeze(1)  # nll[i] scores token begin + 1 + i
-        scored = nll[pos - begin - 1:]
-        window_nll.append(float(scored.sum()))
-        window_count.append(int(scored.shape[0]))
+        windows.append((max(0, end - max_length), pos, end))
         pos = end
+    window_nll, window_count = [0.0] * len(windows), [0] * len(windows)
+    by_length: dict[int, list[int]] = {}
+    for w, (begin, _, end) in enumerate(windows):
+        by_length.setdefault(end - begin, []).append(w)
+    for length, group in by_length.items():
+        # Keep a batch's logits under ~256 MB (2^26 floats): a 128k vocabulary at 1024 tokens is 0.5 GB a window.
+        step = max(1, min(batch_size, 2**26 // (length * max(1, len(tokenizer)))))
+        for s in range(0, len(group), step):
+            chunk_ws = group[s:s + step]
+            chunk = torch.stack([ids[windows[w][0]:windows[w][2]] for w in chunk_ws])
+            logits = runner({"input_ids": chunk, "attention_mask": torch.ones_like(chunk)})
+            logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+            nll = -logp.gather(2, chunk[:, 1:].unsqueeze(2)).squeeze(2)  # nll[:, i] scores token begin + 1 + i
+            for row, w in enumerate(chunk_ws):
+                begin, first, _ = windows[w]
+                scored = nll[row, first - begin - 1:]
+                window_nll[w] = float(scored.sum())
+                window_count[w] = int(scored.shape[0])
     nll_arr, cnt_arr = np.array(window_nll), np.array(window_count)
-    ppl = math.exp(nll_arr.sum() / max(1, cnt_arr.sum()))
+    mean_nll = float(nll_arr.sum() / cnt_arr.sum())
+    ppl = math.exp(mean_nll)
     ci = _bootstrap(lambda idx: math.exp(nll_arr[idx].sum() / max(1, cnt_arr[idx].sum())), len(nll_arr),
                     bootstrap, seed)
     return {"metric": "perplexity", "value": ppl, "ci95": ci, "n": int(cnt_arr.sum()), "split": split,
-            "scores": {"perplexity": ppl, "nll_per_token": float(nll_arr.sum() / max(1, cnt_arr.sum()))}}
+            "scores": {"perplexity": ppl, "nll_per_token": mean_nll, "windows": len(windows),
+                       "max_length": max_length, "stride": stride}}

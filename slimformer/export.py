@@ -30,6 +30,7 @@ from torch import nn
 from slimformer import models
 from slimformer.errors import SlimformerError
 from slimformer.evaluate import MODEL_INPUTS
+from slimformer.quantizer import conv1d_as_linear
 from slimformer.tasks import TaskType
 
 ONNX_FILE = "model.onnx"
@@ -71,17 +72,29 @@ class _LogitsOnly(nn.Module):
     def __init__(self, model: nn.Module, input_names: list[str]):
         super().__init__()
         self.model, self.input_names = model, input_names
+        # Decoders: logits of the whole sequence, no key/value cache in the graph.
+        self.extra = {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else {}
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
         given = {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids}
-        return self.model(**{k: given[k] for k in self.input_names}).logits
+        return self.model(**{k: given[k] for k in self.input_names}, **self.extra).logits
+
+
+def is_causal_lm(model: nn.Module) -> bool:
+    """A decoder with a language-modelling head (GPT-2, Llama, ...)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return type(model).__name__ in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
 
 
 def model_input_names(model: nn.Module, tokenizer) -> list[str]:
-    """The standard inputs the model's forward takes and the tokenizer produces (token types only if both)."""
+    """The standard inputs the model's forward takes and the tokenizer produces (token types only if both, and
+    never for a causal LM: GPT-2 would add an embedding for them that training never saw)."""
     accepted = set(inspect.signature(model.forward).parameters)
     produced = set(getattr(tokenizer, "model_input_names", None) or ["input_ids", "attention_mask"])
+    if is_causal_lm(model):
+        produced.discard("token_type_ids")
     return [k for k in MODEL_INPUTS if k in accepted and (k != "token_type_ids" or k in produced)]
 
 
@@ -127,7 +140,8 @@ def export_onnx(slim: models.SlimModel, folder: str | os.PathLike, *, opset: int
     external = sum(p.numel() * p.element_size() for p in model.parameters()) > 1.8e9
     t0 = time.time()
     path = folder / ONNX_FILE
-    with quiet(), torch.inference_mode(False), torch.no_grad():
+    # GPT-2's Conv1D exports as Gemm, which ONNX Runtime's quantizers skip; the equivalent Linear gives MatMul.
+    with quiet(), torch.inference_mode(False), torch.no_grad(), conv1d_as_linear(model):
         try:
             torch.onnx.export(wrapper, tuple(example[k] for k in names), str(path), input_names=names,
                               output_names=["logits"], opset_version=opset, dynamo=True,
@@ -137,7 +151,7 @@ def export_onnx(slim: models.SlimModel, folder: str | os.PathLike, *, opset: int
             raise SlimformerError(f"ONNX export failed ({type(e).__name__}: {first}); try another --opset "
                                   "or report the model family") from None
     seconds = time.time() - t0
-    diff = check_onnx(wrapper, path, _check_batches(slim.tokenizer, names))
+    diff = check_onnx(wrapper, path, _check_batches(slim.tokenizer, names))  # against the original modules
     facts = {"file": ONNX_FILE, "opset": opset, "inputs": names, "outputs": ["logits"],
              "dynamic_axes": {"0": "batch", "1": "sequence"}, "max_abs_diff": diff, "atol": atol,
              "export_seconds": seconds, "exporter": f"torch.onnx (dynamo) {torch.__version__}"}
@@ -341,4 +355,4 @@ def export_job(model_dir: str | os.PathLike, format: ExportFormat | str = Export
 
 
 __all__ = ["ExportFormat", "OrtRunner", "export_job", "export_onnx", "is_onnx_folder", "load_onnx_runner",
-           "load_runner", "measure_onnx", "model_input_names", "onnx_size"]
+           "is_causal_lm", "load_runner", "measure_onnx", "model_input_names", "onnx_size"]

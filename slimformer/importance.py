@@ -5,7 +5,8 @@ higher = more important. Layers that were already pruned to fewer units are padd
 models can be scored again in iterative pruning); a layer with no units left is all NaN.
 
 * ``magnitude``: L2 norm of the unit's weights (q/k/v rows and output-projection columns of a head; the
-  FFN input rows and output column of a neuron). Needs no data.
+  FFN input rows and output column of a neuron). Needs no data. With grouped-query attention a query head
+  counts its q rows, its output columns and an equal share of its group's k/v rows.
 * ``taylor``: first-order Taylor estimate of the loss change when the unit is removed,
   ``|sum_t a_t * dL/da_t|`` per example (a = the head's context vector / the neuron's activation, i.e.
   the input of the output projection), summed over examples (Molchanov et al. 2017; for heads it equals
@@ -13,6 +14,11 @@ models can be scored again in iterative pruning); a layer with no units left is 
 
 :func:`select_keep` turns scores into kept indices for a target ratio, per layer or globally, with kept
 sizes rounded to multiples that fast kernels like.
+
+Heads are always scored per query head, the unit ``mask_heads`` and the plan use. Grouped-query attention
+(Llama) can only remove whole key/value groups, so :func:`select_keep_groups` ranks groups by the *sum* of
+their query heads' scores (the first-order estimate of removing them all together) and expands the kept
+groups back into query heads.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ from torch import nn
 
 from slimformer.arch import adapter_for
 from slimformer.errors import SlimformerError
-from slimformer.surgery import head_count, neuron_count
+from slimformer.surgery import attention_weights, head_count, neuron_count, weight_out_in
 from slimformer.tasks import Collator, TaskData, encode
 
 
@@ -82,12 +88,15 @@ def magnitude(model: nn.Module, units: Unit | str, data: Iterable[Batch] | None 
                 scores.append(torch.empty(0))
                 continue
             if units == Unit.HEADS:
-                sq = sum(layer.get_submodule(p).weight.float().pow(2).view(n, d, -1).sum((1, 2))
-                         for p in (adapter.query, adapter.key, adapter.value))
-                sq = sq + layer.get_submodule(adapter.attn_out).weight.float().pow(2).view(-1, n, d).sum((0, 2))
+                q, k, v, o = (w.float().pow(2) for w in attention_weights(layer, adapter))
+                n_kv = k.shape[0] // d
+                sq = q.reshape(n, d, -1).sum((1, 2)) + o.reshape(-1, n, d).sum((0, 2))
+                # A key/value head serves a group of query heads: each gets an equal share of its weights.
+                kv = (k.reshape(n_kv, d, -1).sum((1, 2)) + v.reshape(n_kv, d, -1).sum((1, 2))) * (n_kv / n)
+                sq = sq + kv.repeat_interleave(n // n_kv)
             else:
-                sq = sum(layer.get_submodule(p).weight.float().pow(2).sum(1) for p in adapter.ffn_in)
-                sq = sq + layer.get_submodule(adapter.ffn_out).weight.float().pow(2).sum(0)
+                sq = sum(weight_out_in(layer.get_submodule(p)).float().pow(2).sum(1) for p in adapter.ffn_in)
+                sq = sq + weight_out_in(layer.get_submodule(adapter.ffn_out)).float().pow(2).sum(0)
             scores.append(sq.sqrt())
     return pad_scores(scores)
 
@@ -236,5 +245,30 @@ def select_keep(scores: torch.Tensor, ratio: float, original: Sequence[int], *, 
     return keep
 
 
-__all__ = ["SCORERS", "Scope", "Unit", "check_ratio", "magnitude", "pad_scores", "round_count", "select_keep",
-           "target_counts", "task_batches", "taylor", "taylor_scores", "unit_counts", "unit_step"]
+def group_scores(scores: torch.Tensor, group: int) -> torch.Tensor:
+    """Per-query-head scores ``(layers, heads)`` summed into key/value groups of ``group`` consecutive heads:
+    ``(layers, heads // group)``. NaN padding (removed heads) stays NaN, as heads go in whole groups."""
+    if group <= 1:
+        return scores
+    if scores.shape[1] % group:
+        raise SlimformerError(f"{scores.shape[1]} head scores do not split into groups of {group}; "
+                              "score the same model you prune")
+    return scores.reshape(scores.shape[0], -1, group).sum(-1)
+
+
+def select_keep_groups(scores: torch.Tensor, ratio: float, original: Sequence[int], *, group: int,
+                       scope: Scope | str = Scope.GLOBAL, step: int = 1, normalize: bool = True
+                       ) -> dict[int, list[int]]:
+    """:func:`select_keep` for heads under grouped-query attention: whole key/value groups are ranked by
+    their summed score and kept or removed together. ``original`` counts query heads per layer; ``step``
+    counts groups. Returns kept query-head positions per layer (whole groups)."""
+    if group <= 1:
+        return select_keep(scores, ratio, original, scope=scope, step=step, normalize=normalize)
+    kept = select_keep(group_scores(scores, group), ratio, [o // group for o in original], scope=scope, step=step,
+                       normalize=normalize)
+    return {i: [g * group + j for g in groups for j in range(group)] for i, groups in kept.items()}
+
+
+__all__ = ["SCORERS", "Scope", "Unit", "check_ratio", "group_scores", "magnitude", "pad_scores", "round_count",
+           "select_keep", "select_keep_groups", "target_counts", "task_batches", "taylor", "taylor_scores",
+           "unit_counts", "unit_step"]

@@ -155,8 +155,6 @@ def load(
     record = read_record(path) if is_local else {}
     rec_task = record.get("task", {})
     task = TaskType(task) if task is not None else (TaskType(rec_task["type"]) if rec_task.get("type") else None)
-    if task is None:
-        raise SlimformerError(f"the task of model '{name_or_path}' is unknown; pass --task")
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
@@ -164,6 +162,10 @@ def load(
         reason = str(e).splitlines()[0][:120]
         raise SlimformerError(f"could not read the config of model {where} '{name_or_path}' ({reason}); "
                               "check the name, or use a local folder when offline") from None
+    if task is None and is_causal_lm_config(config):
+        task = TaskType.CAUSAL_LM  # a pretrained decoder (GPT-2, Llama, ...) comes with its LM head
+    if task is None:
+        raise SlimformerError(f"the task of model '{name_or_path}' is unknown; pass --task")
 
     saved_labels = rec_task.get("label_names") or _head_labels(config)
     if rec_task.get("type") and TaskType(rec_task["type"]) != task:
@@ -200,8 +202,8 @@ def load(
     except (OSError, ValueError) as e:
         raise SlimformerError(f"model '{name_or_path}' has no usable tokenizer ({str(e).splitlines()[0][:120]}); "
                               "save the tokenizer files next to the weights") from None
-    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
-        tokenizer.pad_token = tokenizer.eos_token  # decoder LMs often ship without a pad token
+    if task == TaskType.CAUSAL_LM:
+        prepare_lm_tokenizer(tokenizer, name_or_path)
     if record.get("vocab_map"):
         from slimformer.surgery import wrap_tokenizer
 
@@ -210,6 +212,29 @@ def load(
     record["task"] = {"type": str(task), "label_names": labels}
     return SlimModel(model=model, tokenizer=tokenizer, task_type=task, label_names=labels, record=record,
                      source=str(name_or_path))
+
+
+def is_causal_lm_config(config: PretrainedConfig) -> bool:
+    """True when the config names a causal-LM architecture (``GPT2LMHeadModel``, ``LlamaForCausalLM``, ...)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    names = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+    return any(a in names for a in getattr(config, "architectures", None) or [])
+
+
+def prepare_lm_tokenizer(tokenizer, name: str | os.PathLike = "model") -> Any:
+    """Make a tokenizer fit for causal-LM batches: a pad token (GPT-2 and Llama tokenizers ship without one;
+    the EOS token is reused, which is safe because padded positions are masked and never scored) and no
+    ``token_type_ids`` (decoders such as GPT-2 would add an embedding for them). Returns the tokenizer."""
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise SlimformerError(f"the tokenizer of '{name}' has neither a pad nor an EOS token; save one with "
+                                  "tokenizer.add_special_tokens({'pad_token': ...}) next to the weights")
+        tokenizer.pad_token = tokenizer.eos_token
+    names = getattr(tokenizer, "model_input_names", None)
+    if names and "token_type_ids" in names:
+        tokenizer.model_input_names = [n for n in names if n != "token_type_ids"]
+    return tokenizer
 
 
 def _load_with_replay(path: str, config: PretrainedConfig, auto, kwargs: dict[str, Any],

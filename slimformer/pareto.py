@@ -20,11 +20,13 @@ Goal = Literal["min", "max"]
 # Quantities a search measures for every candidate, with their direction and unit. Quality drops are in
 # points (percentage points for accuracy/F1, relative percent for perplexity), against the baseline.
 QUANTITIES: dict[str, tuple[Goal, str, str]] = {
-    "quality": ("max", "", "the task metric (accuracy, F1) on the tuning split"),
-    "quality_drop": ("min", "points", "baseline metric minus candidate metric, x100"),
+    # quality's goal is the task's: max for accuracy/F1, min for perplexity (each Measurement carries it).
+    "quality": ("max", "", "the task metric (accuracy, F1, perplexity) on the tuning split"),
+    "quality_drop": ("min", "points", "quality lost against the baseline: points (accuracy, F1) or % (perplexity)"),
     "accuracy_drop": ("min", "points", "baseline accuracy minus candidate accuracy, x100"),
     "f1_drop": ("min", "points", "baseline entity F1 minus candidate F1, x100"),
-    "perplexity_increase": ("min", "%", "relative perplexity increase over the baseline"),
+    "perplexity_increase": ("min", "%", "relative perplexity increase over the baseline, in percent"),
+    "perplexity_ratio": ("min", "x", "candidate perplexity / baseline perplexity"),
     "latency_ms": ("min", "ms", "p50 latency at the measured batch and sequence length"),
     "latency_ms_p95": ("min", "ms", "p95 latency"),
     "throughput": ("max", "items/s", "items per second at the throughput batch"),
@@ -118,12 +120,16 @@ class Constraint:
                 ">": value > self.bound, "==": value == self.bound}[self.op]
 
     def __str__(self) -> str:
-        return f"{self.quantity}{self.op}{self.bound:g}"
+        unit = "%" if QUANTITIES.get(self.quantity, ("", ""))[1] == "%" else ""
+        return f"{self.quantity}{self.op}{self.bound:g}{unit}"
 
 
-_CONSTRAINT = re.compile(r"^\s*([a-z_0-9]+)\s*(<=|>=|==|<|>)\s*([-+]?[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*$")
+_CONSTRAINT = re.compile(r"^\s*([a-z_0-9]+)\s*(<=|>=|==|<|>)\s*([-+]?[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*(%?)\s*$")
 _NON_NEGATIVE = {"latency_ms", "latency_ms_p95", "throughput", "size_mb", "memory_mb", "parameters", "speedup",
-                 "compression"}
+                 "compression", "perplexity_ratio"}
+# Quantities that only exist for some tasks (a budget naming another task's quantity could never hold).
+TASK_QUANTITIES = {"accuracy_drop": "sequence-classification", "f1_drop": "token-classification",
+                   "perplexity_increase": "causal-lm", "perplexity_ratio": "causal-lm"}
 
 
 def parse_budget(text: str | None) -> list[Constraint]:
@@ -140,6 +146,8 @@ def parse_budget(text: str | None) -> list[Constraint]:
         name, op, number = m.group(1), m.group(2), float(m.group(3))
         if name not in QUANTITIES:
             raise SlimformerError(f"unknown budget quantity '{name}'; use one of {', '.join(QUANTITIES)}")
+        if m.group(4) and QUANTITIES[name][1] not in ("%", "points"):
+            raise SlimformerError(f"budget '{part.strip()}': {name} is not a percentage; drop the % sign")
         if op in ("<=", "<") and name in _NON_NEGATIVE and number <= 0:
             raise SlimformerError(f"budget '{part.strip()}' is impossible ({name} is never negative); raise the bound")
         if name.endswith("_drop") and op in ("<", "<=") and number < 0 and name != "quality_drop":
@@ -147,6 +155,16 @@ def parse_budget(text: str | None) -> list[Constraint]:
                                   "use a bound of 0 or more")
         out.append(Constraint(name, op, number))  # type: ignore[arg-type]
     return out
+
+
+def check_budget_for_task(budget: Sequence[Constraint], task_type: str) -> None:
+    """Refuse a budget naming another task's quantity (accuracy_drop for a language model, say)."""
+    for k in budget:
+        wanted = TASK_QUANTITIES.get(k.quantity)
+        if wanted is not None and wanted != str(task_type):
+            fits = [q for q, t in TASK_QUANTITIES.items() if t == str(task_type)] + ["quality_drop"]
+            raise SlimformerError(f"budget quantity '{k.quantity}' is for {wanted}, not {task_type}; "
+                                  f"use {' or '.join(fits)}")
 
 
 def within_budget(c: Candidate, budget: Sequence[Constraint]) -> bool:
@@ -163,6 +181,8 @@ def choose(candidates: Sequence[Candidate], budget: Sequence[Constraint], object
 
     def key(c: Candidate):
         quality = c.measurements.get("quality")
-        return (sign * c.value(objective), -(quality.value if quality else 0.0), c.name)
+        # Better quality first: higher accuracy, lower perplexity.
+        q = 0.0 if quality is None else (quality.value if quality.goal == "min" else -quality.value)
+        return (sign * c.value(objective), q, c.name)
 
     return min(ok, key=key)

@@ -24,6 +24,7 @@ estimator for quantization-aware training.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from enum import StrEnum
@@ -288,5 +289,57 @@ class QuantEmbedding(nn.Module):
         return f"{self.num_embeddings}, {self.embedding_dim}, int8 per-row"
 
 
-__all__ = ["Granularity", "QTensor", "QuantEmbedding", "QuantLinear", "QuantSpec", "dequantize", "fake_quant",
-           "pack_codes", "quant_params", "quantize", "sqnr_db", "storage_bits", "unpack_codes"]
+# ---- GPT-2's Conv1D ---------------------------------------------------------------------------------------
+# GPT-2 keeps its projections in ``transformers.pytorch_utils.Conv1D`` (``y = x @ W + b`` with W [in, out]),
+# which no int8 kernel, torchao config or ONNX Runtime MatMul quantizer recognises (it exports as Gemm). The
+# same map as an ``nn.Linear`` with the weight transposed is mathematically identical, so quantization and
+# export swap Conv1D for Linear first.
+
+
+def _is_conv1d(m: nn.Module) -> bool:
+    from transformers.pytorch_utils import Conv1D
+
+    return isinstance(m, Conv1D)
+
+
+def conv1d_names(model: nn.Module) -> list[str]:
+    """Names of the Conv1D modules of ``model`` (empty for families without them)."""
+    return [n for n, m in model.named_modules() if _is_conv1d(m)]
+
+
+def linear_from_conv1d(conv: nn.Module) -> nn.Linear:
+    """An ``nn.Linear`` computing what ``conv`` computes (weight transposed, bias shared)."""
+    w = conv.weight
+    lin = nn.Linear(conv.nx, conv.nf, bias=True, device=w.device, dtype=w.dtype)
+    lin.weight = nn.Parameter(w.detach().t().contiguous(), requires_grad=w.requires_grad)
+    lin.bias = conv.bias
+    return lin
+
+
+def swap_conv1d(model: nn.Module, names: list[str] | None = None) -> list[str]:
+    """Replace Conv1D modules (all, or ``names``) by equivalent Linear layers in place; returns the names."""
+    names = conv1d_names(model) if names is None else names
+    for n in names:
+        model.set_submodule(n, linear_from_conv1d(model.get_submodule(n)))
+    return names
+
+
+@contextlib.contextmanager
+def conv1d_as_linear(model: nn.Module):
+    """Within the block the model's Conv1D modules are Linear layers; afterwards the Conv1D modules are back,
+    holding whatever the Linear weights became (so training inside the block is kept)."""
+    originals = {n: model.get_submodule(n) for n in conv1d_names(model)}
+    swap_conv1d(model, list(originals))
+    try:
+        yield list(originals)
+    finally:
+        for n, conv in originals.items():
+            lin = model.get_submodule(n)
+            with torch.no_grad():
+                conv.weight.copy_(lin.weight.detach().t())
+            model.set_submodule(n, conv)
+
+
+__all__ = ["Granularity", "QTensor", "QuantEmbedding", "QuantLinear", "QuantSpec", "conv1d_as_linear", "conv1d_names",
+           "dequantize", "fake_quant", "linear_from_conv1d", "pack_codes", "quant_params", "quantize", "sqnr_db",
+           "storage_bits", "swap_conv1d", "unpack_codes"]

@@ -22,6 +22,23 @@ COLUMNS = [("quality", "quality (tuning)", "{:.4f}"), ("quality_drop", "drop (pt
            ("throughput", "items/s", "{:.0f}"), ("memory_mb", "model MB in RAM", "{:.0f}")]
 
 
+def _is_lm(summary: dict[str, Any]) -> bool:
+    return summary.get("task", {}).get("type") == "causal-lm"
+
+
+def _columns(summary: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """The table columns; a language model's quality is perplexity (lower is better), its drop a % increase."""
+    if not _is_lm(summary):
+        return COLUMNS
+    return [("quality", "perplexity (tuning)", "{:.2f}"), ("quality_drop", "perplexity +%", "{:+.2f}")] + COLUMNS[2:]
+
+
+def _drop_words(summary: dict[str, Any], value: float) -> str:
+    if _is_lm(summary):
+        return f"its perplexity changes by {value:+.2f}% against the baseline's"
+    return f"its quality drop is {value:+.2f} points"
+
+
 def _fmt(c: Candidate, key: str, pattern: str) -> str:
     m = c.measurements.get(key)
     return "–" if m is None else pattern.format(m.value)
@@ -34,7 +51,8 @@ def candidate_rows(summary: dict[str, Any]) -> tuple[list[str], list[list[str]]]
     goal_max = objective == "throughput"
     cands.sort(key=lambda c: (-1 if goal_max else 1) * c.measurements[objective].value)
     chosen = (summary.get("chosen") or {}).get("name")
-    header = ["candidate", "role"] + [title for _, title, _ in COLUMNS] + ["notes"]
+    columns = _columns(summary)
+    header = ["candidate", "role"] + [title for _, title, _ in columns] + ["notes"]
     rows = []
     for c in cands:
         role = []
@@ -44,7 +62,7 @@ def candidate_rows(summary: dict[str, Any]) -> tuple[list[str], list[list[str]]]
             role.append("front")
         if c.name in summary.get("references", []):
             role.append("reference")
-        rows.append([c.name, ", ".join(role)] + [_fmt(c, k, p) for k, _, p in COLUMNS] + ["; ".join(c.notes)])
+        rows.append([c.name, ", ".join(role)] + [_fmt(c, k, p) for k, _, p in columns] + ["; ".join(c.notes)])
     return header, rows
 
 
@@ -61,13 +79,15 @@ def side_by_side(summary: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     if summary.get("chosen"):
         picks.append(("**chosen**: " + summary["chosen"]["name"], Candidate.from_dict(summary["chosen"]),
                       conf.get("chosen")))
-    header = ["model", "eval metric (95% CI)"] + [title for _, title, _ in COLUMNS]
+    columns = _columns(summary)
+    header = ["model", f"eval {'perplexity' if _is_lm(summary) else 'metric'} (95% CI)"]
+    header += [title for _, title, _ in columns]
     rows = []
     for label, c, q in picks:
         if c is None:
             continue
         ev = "–" if not q else f"{q['value']:.4f} ({q['ci95'][0]:.4f}–{q['ci95'][1]:.4f})"
-        rows.append([label, ev] + [_fmt(c, k, p) for k, _, p in COLUMNS])
+        rows.append([label, ev] + [_fmt(c, k, p) for k, _, p in columns])
     return header, rows
 
 
@@ -120,15 +140,28 @@ def pareto_plot(summary: dict[str, Any], path: Path) -> Path:
                    zorder=5, label="chosen")
     base_q = summary["baseline"]["quality"]["value"]
     for b in summary["budget"]:
-        if "drop" in b and "<" in b:
-            bound = float(b.split("=")[-1].split("<")[-1])
-            ax.axhline(base_q - bound / 100, color="green", lw=0.8, ls=":", label=f"budget ({b})")
+        if "<" not in b:
+            continue
+        bound = float(b.split("=")[-1].split("<")[-1].rstrip("%"))
+        if b.startswith("perplexity_increase") or (_is_lm(summary) and b.startswith("quality_drop")):
+            line = base_q * (1 + bound / 100)
+        elif b.startswith("perplexity_ratio"):
+            line = base_q * bound
+        elif "drop" in b:
+            line = base_q - bound / 100
+        else:
+            continue
+        ax.axhline(line, color="green", lw=0.8, ls=":", label=f"budget ({b})")
     if objective in ("latency_ms", "size_mb", "memory_mb"):
         ax.set_xscale("log")
     unit = {"latency_ms": "p50 latency (ms, log)", "size_mb": "size on disk (MB, log)", "throughput": "items/s",
             "memory_mb": "peak memory (MB, log)"}[objective]
     ax.set_xlabel(unit)
-    ax.set_ylabel(f"{summary['task']['type']} metric on the tuning split")
+    if _is_lm(summary):
+        ax.set_ylabel("perplexity on the tuning split (lower is better)")
+        ax.invert_yaxis()  # better stays up, as for accuracy
+    else:
+        ax.set_ylabel(f"{summary['task']['type']} metric on the tuning split")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
     ax.set_title("slimformer search: every candidate, measured on this machine")
@@ -157,8 +190,8 @@ def write_report(out: Path, summary: dict[str, Any], config, *, model: str) -> P
     if chosen:
         holds = conf.get("budget_holds_on_eval")
         verdict = (f"Chosen: `{chosen['name']}`. On the eval split ({summary['task']['eval_source']}), which "
-                   f"training and search never saw, its quality drop is {conf.get('quality_drop_on_eval', 0):+.2f} "
-                   f"points: the budget **{'holds' if holds else 'does NOT hold'}** there.")
+                   f"training and search never saw, {_drop_words(summary, conf.get('quality_drop_on_eval', 0))}: "
+                   f"the budget **{'holds' if holds else 'does NOT hold'}** there.")
     else:
         verdict = "No candidate met the budget on the tuning split. The frontier below shows what is reachable."
     cmd = reproduce_command(config, model, summary["task"]["source"].rsplit("/", 1)[0], summary["out"])
@@ -242,7 +275,8 @@ def model_card(chosen: Candidate, confirmation: dict[str, Any], config, *, model
         f"| eval {ev.get('metric', 'metric')} | {ev.get('value', float('nan')):.4f} "
         f"(95% CI {ev.get('ci95', [0, 0])[0]:.4f}–{ev.get('ci95', [0, 0])[1]:.4f}, n={ev.get('n')}) |",
         f"| baseline eval {base.get('metric', 'metric')} | {base.get('value', float('nan')):.4f} |",
-        f"| quality drop on eval | {confirmation.get('quality_drop_on_eval', float('nan')):+.2f} points |",
+        f"| quality drop on eval | {confirmation.get('quality_drop_on_eval', float('nan')):+.2f} "
+        f"{'% (perplexity increase)' if ev.get('metric') == 'perplexity' else 'points'} |",
         f"| p50 latency (b{config.batch}, s{config.seq}) | {m['latency_ms'].value:.2f} ms |",
         f"| speed-up vs fp32 | {m['speedup'].value:.2f}x |" if "speedup" in m else "",
         f"| size on disk | {m['size_mb'].value:.2f} MB |",

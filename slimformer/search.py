@@ -44,6 +44,7 @@ from slimformer.pareto import (
     OBJECTIVES,
     Candidate,
     Constraint,
+    check_budget_for_task,
     choose,
     measurement,
     pareto_front,
@@ -98,10 +99,6 @@ class SearchSpace(BaseModel):
             return sorted(set(self.depths), reverse=True)
         return sorted({n_layers, max(1, round(n_layers * 2 / 3)), max(1, n_layers // 2), max(1, n_layers // 3)},
                       reverse=True)
-
-    def size(self, n_layers: int) -> int:
-        return (len(self.resolved_depths(n_layers)) * len(self.heads) * len(self.ffn) * len(self.vocab)
-                * len(self.precisions))
 
 
 class SearchConfig(BaseModel):
@@ -303,8 +300,10 @@ def make_candidate(name: str, params: dict[str, Any], path: Path, quality: dict[
         bq, bl, bs = baseline["quality"]["value"], baseline["cost"]["latency_ms_p50"], baseline["cost"]["size_bytes"]
         # Perplexity: relative increase in percent; accuracy/F1: points lost.
         drop = 100 * (quality["value"] / bq - 1) if task_type == TaskType.CAUSAL_LM else 100 * (bq - quality["value"])
-        m["quality_drop"] = measurement("quality_drop", drop)
+        m["quality_drop"] = measurement("quality_drop", drop, unit="%" if task_type == TaskType.CAUSAL_LM else "points")
         m[_drop_name(task_type)] = measurement(_drop_name(task_type), drop)
+        if task_type == TaskType.CAUSAL_LM:
+            m["perplexity_ratio"] = measurement("perplexity_ratio", quality["value"] / bq)
         m["speedup"] = measurement("speedup", bl / card["latency_ms_p50"])
         m["compression"] = measurement("compression", bs / max(1, card["size_bytes"]))
         if card["latency_ms_p50"] > bl:
@@ -349,7 +348,12 @@ def prepare_teacher(model: str, task: TaskData, config: SearchConfig, out: Path,
     if not (teacher / models.RECORD_FILE).exists():
         with _building(teacher):  # workers starting together fine-tune the teacher once
             if not (teacher / models.RECORD_FILE).exists():
-                api.finetune(model, task, config.finetune, teacher, progress=progress)
+                if task.type == TaskType.CAUSAL_LM:
+                    # A pretrained LM already has its head: it is the teacher as it is (fine-tune it first with
+                    # `slimformer finetune` for a domain-adapted one).
+                    models.save(models.load(model, task.type), teacher)
+                else:
+                    api.finetune(model, task, config.finetune, teacher, progress=progress)
     return teacher
 
 
@@ -453,6 +457,7 @@ def run_search(model: str, task: TaskData, config: SearchConfig, out: str | os.P
 
     budget = parse_budget(config.budget.replace("quality_drop", _drop_name(task.type))
                           if "quality_drop" in config.budget else config.budget)
+    check_budget_for_task(budget, task.type)
     out = models.check_out_dir(out)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
@@ -465,7 +470,8 @@ def run_search(model: str, task: TaskData, config: SearchConfig, out: str | os.P
         "depth": config.space.resolved_depths(n_layers),
         "heads": list(config.space.heads),
         "ffn": list(config.space.ffn),
-        "vocab": list(config.space.vocab),
+        # A language model's vocabulary is its output space: pruning it would give unseen tokens no probability.
+        "vocab": [False] if task.type == TaskType.CAUSAL_LM else list(config.space.vocab),
         "precision": [p.value for p in config.space.precisions],
     }
     baseline = _baseline(out, teacher_path, task, config, threads)
@@ -480,7 +486,9 @@ def run_search(model: str, task: TaskData, config: SearchConfig, out: str | os.P
     # Whoever comes first (coordinator or worker) queues the references and seeds, once: skip_if_exists
     # looks at every trial, and the lock keeps two processes from queueing them at the same moment.
     with distributed.file_lock(out / ".locks" / "enqueue.lock"):
-        for p in reference_params(n_layers) + seed_params(config.space, n_layers):
+        seeds = [{**p, "vocab": p["vocab"] and True in space_lists["vocab"]}
+                 for p in seed_params(config.space, n_layers)]
+        for p in reference_params(n_layers) + seeds:
             study.enqueue_trial(p, skip_if_exists=True)
     _json_dump(out / "search.json", {"model": model, "data": task.source, "config": config.model_dump(mode="json")})
 
@@ -520,11 +528,16 @@ def run_search(model: str, task: TaskData, config: SearchConfig, out: str | os.P
         return cand.value("quality_drop"), cand.value(objective_q)
 
     durations: list[float] = []
+    space_size = math.prod(len(v) for v in space_lists.values())
     while True:
-        finished = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-        if len(finished) >= config.trials:
+        # `trials` counts distinct measured candidates: a sampler that proposes a finished point again gets
+        # its numbers back for free, and that repeat does not use up the budget. A sampler that keeps
+        # proposing known points (a small space, nearly exhausted) is stopped after a bounded number of tries.
+        distinct = len(collect(study))
+        if distinct >= min(config.trials, space_size):
             break
-        if config.strategy == Strategy.GRID and len(finished) >= config.space.size(n_layers):
+        if len(study.trials) >= 3 * config.trials + 10:
+            log(f"the sampler keeps proposing measured points: stopping with {distinct} candidates")
             break
         if config.time_budget_s is not None:
             elapsed = time.time() - t_start
@@ -646,7 +659,8 @@ def finish(study, out: Path, task: TaskData, config: SearchConfig, budget: list[
             confirmation["ort_int8_baseline"] = _quality(Path(ort_ref.path), task, "eval", 1000, threads)
         chosen_on_eval = make_candidate(chosen.name, chosen.params, Path(chosen.path), chosen_eval,
                                         _card_of(chosen), {"quality": base_eval, "cost": baseline["cost"]}, task.type)
-        quality_constraints = [k for k in budget if k.quantity in ("quality_drop", _drop_name(task.type), "quality")]
+        quality_constraints = [k for k in budget if k.quantity in ("quality_drop", _drop_name(task.type), "quality",
+                                                                   "perplexity_ratio")]
         eval_budget_holds = within_budget(chosen_on_eval, quality_constraints)
         confirmation["quality_drop_on_eval"] = chosen_on_eval.value("quality_drop")
         confirmation["budget_holds_on_eval"] = eval_budget_holds

@@ -16,8 +16,27 @@ A layer may lose all its heads (or all its FFN neurons). Then the block that com
 what a projection of zero inputs computes: its bias. No zero-size weights are kept, so quantizers and
 exporters never meet an ``nn.Linear`` with no inputs. (Such a layer reports no attention weights.)
 
+Decoders (the GPT-2 and Llama families):
+
+* GPT-2 keeps ``Conv1D`` projections (weight ``[in, out]``), sliced along the matching axis
+  (:func:`slice_projection`). Its fused ``attn.c_attn`` outputs ``[q | k | v]``; a head's rows are cut from
+  each block, and the attention's ``split_size``/``num_heads`` follow (its forward splits by ``split_size``).
+* Llama uses grouped-query attention: query heads ``g*k .. g*k+g-1`` share key/value head ``k``. Heads are
+  removed in whole key/value groups, which removes the group's k/v rows and all its query heads, so
+  ``num_key_value_groups`` is unchanged. The plan records kept *query* heads (always whole groups; the kept
+  key/value heads are ``head // g``); :func:`prune_heads` refuses a keep-set that splits a group. FFN neurons
+  are ``gate_proj``/``up_proj`` rows and ``down_proj`` columns.
+* A decoder layer that loses every head gets :class:`HeadlessAttention` (its output projection is inside the
+  attention module): it outputs the projection's bias and, with a KV cache, caches a one-wide placeholder so
+  the cache still knows the sequence length. Layer removal renumbers ``layer_idx``, so the dynamic KV cache
+  of ``generate`` works; a static cache (preallocated from the config's head counts) does not fit a pruned model.
+* An LM head tied to the word embedding stays tied through vocabulary pruning (both are the same sliced
+  matrix); an untied head is sliced alike.
+
 Vocabulary pruning keeps the token ids a corpus uses plus all special tokens; the tokenizer is wrapped
-(:func:`wrap_tokenizer`) so ordinary text still goes in, with ids outside the kept set read as [UNK].
+(:func:`wrap_tokenizer`) so ordinary text still goes in: a WordPiece tokenizer is restricted to the kept
+vocabulary (:mod:`slimformer.vocab`), so a word with dropped tokens is split into kept pieces; for other
+tokenizers, ids outside the kept set are read as [UNK].
 """
 
 from __future__ import annotations
@@ -29,9 +48,11 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from slimformer.arch import ArchAdapter, adapter_for
 from slimformer.errors import SlimformerError
+from slimformer.vocab import restricted_tokenizer
 
 PLAN_FORMAT = 1
 
@@ -74,6 +95,35 @@ class BiasOnly(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features=0, out_features={self.out_features}"
+
+
+class HeadlessAttention(nn.Module):
+    """A decoder self-attention with no heads left, whose output projection lives inside it (GPT-2's
+    ``attn.c_proj``, Llama's ``self_attn.o_proj``): it outputs that projection's bias (a :class:`BiasOnly`
+    kept under the same name, so weights load by the same keys) and no attention weights.
+
+    With a KV cache it still records the sequence length, caching a ``(batch, 1, seq, 1)`` zero key and value
+    per step: Hugging Face caches read the length of the sequence so far from layer 0, and an empty layer 0
+    would restart positions at every generated token."""
+
+    def __init__(self, out_name: str, out: BiasOnly, layer_idx: int | None):
+        super().__init__()
+        self.out_name = out_name
+        self.add_module(out_name, out)
+        self.layer_idx = layer_idx
+
+    def forward(self, hidden_states: torch.Tensor | None = None, *args: Any, **kwargs: Any):
+        if hidden_states is None:
+            raise TypeError("HeadlessAttention needs hidden_states")
+        cache = kwargs.get("past_key_values", kwargs.get("past_key_value"))
+        cache = getattr(cache, "self_attention_cache", cache)  # an encoder-decoder cache: its self part
+        if cache is not None and self.layer_idx is not None:
+            placeholder = hidden_states.new_zeros(hidden_states.shape[0], 1, hidden_states.shape[1], 1)
+            cache.update(placeholder, placeholder, self.layer_idx)
+        return getattr(self, self.out_name)(hidden_states), None
+
+    def extra_repr(self) -> str:
+        return "attention with no heads"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -150,9 +200,12 @@ class SurgeryPlan:
 
 
 def _base_dims(config, adapter: ArchAdapter) -> dict[str, int]:
-    return {"layers": int(getattr(config, adapter.n_layers_field)), "heads": adapter.n_heads(config),
-            "head_dim": adapter.head_dim(config), "ffn": int(getattr(config, adapter.ffn_field)),
+    dims = {"layers": int(getattr(config, adapter.n_layers_field)), "heads": adapter.n_heads(config),
+            "head_dim": adapter.head_dim(config), "ffn": adapter.ffn_size(config),
             "vocab": int(getattr(config, adapter.vocab_field))}
+    if adapter.n_kv_heads_field is not None:  # only grouped-query families record it (old plans stay valid)
+        dims["kv_heads"] = adapter.n_kv_heads(config)
+    return dims
 
 
 def _plan_for(model: nn.Module, plan: SurgeryPlan | None) -> SurgeryPlan:
@@ -167,6 +220,29 @@ def _plan_for(model: nn.Module, plan: SurgeryPlan | None) -> SurgeryPlan:
 # --------------------------------------------------------------------------------------------------
 # Tensor slicing
 # --------------------------------------------------------------------------------------------------
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    return isinstance(module, Conv1D)
+
+
+def in_features(module: nn.Module) -> int:
+    """Input width of a projection (``nn.Linear``, GPT-2's ``Conv1D``; 0 for :class:`BiasOnly`)."""
+    if isinstance(module, BiasOnly):
+        return 0
+    return int(module.weight.shape[0] if _is_conv1d(module) else module.in_features)
+
+
+def out_features(module: nn.Module) -> int:
+    """Output width of a projection (``nn.Linear``, ``Conv1D`` or :class:`BiasOnly`)."""
+    if isinstance(module, BiasOnly):
+        return module.out_features
+    return int(module.weight.shape[1] if _is_conv1d(module) else module.out_features)
+
+
+def weight_out_in(module: nn.Module) -> torch.Tensor:
+    """A projection's weight as ``[out, in]`` (a transposed view for ``Conv1D``, whose weight is ``[in, out]``)."""
+    return module.weight.t() if _is_conv1d(module) else module.weight
 
 
 def slice_linear(linear: nn.Linear, index: torch.Tensor | Sequence[int], dim: int) -> nn.Linear:
@@ -190,6 +266,25 @@ def slice_linear(linear: nn.Linear, index: torch.Tensor | Sequence[int], dim: in
     return new
 
 
+def slice_conv1d(conv: Conv1D, index: torch.Tensor | Sequence[int], dim: int) -> Conv1D:
+    """Like :func:`slice_linear` for GPT-2's ``Conv1D`` (weight ``[in, out]``): ``dim=0`` keeps output
+    features (weight columns and bias), ``dim=1`` input features (weight rows)."""
+    index = torch.as_tensor(index, dtype=torch.long, device=conv.weight.device)
+    w = conv.weight.detach().index_select(1 - dim, index).clone()
+    b = conv.bias.detach()[index].clone() if dim == 0 else conv.bias.detach().clone()
+    new = Conv1D.__new__(Conv1D)  # skip Conv1D's random init of a weight we overwrite anyway
+    nn.Module.__init__(new)
+    new.nx, new.nf = w.shape
+    new.weight = nn.Parameter(w, requires_grad=conv.weight.requires_grad)
+    new.bias = nn.Parameter(b, requires_grad=conv.bias.requires_grad)
+    return new
+
+
+def slice_projection(module: nn.Module, index: torch.Tensor | Sequence[int], dim: int) -> nn.Module:
+    """Keep output (``dim=0``) or input (``dim=1``) features ``index`` of an ``nn.Linear`` or ``Conv1D``."""
+    return slice_conv1d(module, index, dim) if _is_conv1d(module) else slice_linear(module, index, dim)
+
+
 def _parent(path: str) -> str:
     return path.rsplit(".", 1)[0] if "." in path else ""
 
@@ -204,37 +299,72 @@ def _check_keep(keep: Sequence[int], current: int, what: str, where: str) -> lis
     return sorted(keep)
 
 
+def _check_groups(keep: list[int], group: int, where: str) -> list[int]:
+    """The key/value groups of kept query heads; refuses a keep-set that splits a group."""
+    groups = sorted({h // group for h in keep})
+    if len(keep) != len(groups) * group:
+        split = [g for g in groups if any(g * group + j not in keep for j in range(group))]
+        raise SlimformerError(
+            f"{where}heads {keep} split key/value groups {split} (each group of {group} query heads shares one "
+            "key/value head); keep or remove whole groups")
+    return groups
+
+
 def head_count(layer: nn.Module, adapter: ArchAdapter, head_dim: int) -> int:
-    """Current number of attention heads of one layer (0 once all were removed)."""
-    out = layer.get_submodule(adapter.attn_out)
-    return 0 if isinstance(out, BiasOnly) else out.in_features // head_dim
+    """Current number of (query) attention heads of one layer (0 once all were removed)."""
+    return in_features(layer.get_submodule(adapter.attn_out)) // head_dim
 
 
 def neuron_count(layer: nn.Module, adapter: ArchAdapter) -> int:
     """Current number of FFN neurons of one layer (0 once all were removed)."""
-    out = layer.get_submodule(adapter.ffn_out)
-    return 0 if isinstance(out, BiasOnly) else out.in_features
+    return in_features(layer.get_submodule(adapter.ffn_out))
 
 
-def _slice_heads(layer: nn.Module, adapter: ArchAdapter, head_dim: int, keep: list[int]) -> None:
+def attention_weights(layer: nn.Module, adapter: ArchAdapter) -> tuple[torch.Tensor, ...]:
+    """The q, k, v and output-projection weights of a layer with heads, each as ``[out, in]`` views
+    (a fused GPT-2 ``c_attn`` split into its three blocks). k and v have one row block per key/value head."""
+    o = weight_out_in(layer.get_submodule(adapter.attn_out))
+    if adapter.fused_qkv:
+        q, k, v = weight_out_in(layer.get_submodule(adapter.query)).split(o.shape[1], dim=0)
+    else:
+        q, k, v = (weight_out_in(layer.get_submodule(p)) for p in (adapter.query, adapter.key, adapter.value))
+    return q, k, v, o
+
+
+def _slice_heads(layer: nn.Module, adapter: ArchAdapter, head_dim: int, keep: list[int], group: int = 1) -> None:
     attn_path = _parent(adapter.query)
     out = layer.get_submodule(adapter.attn_out)
     if not keep:
+        if attn_path and adapter.attn_out.startswith(attn_path + ".") and "." not in adapter.attn_out[
+                len(attn_path) + 1:]:
+            # A decoder keeps the output projection inside the attention module: replace them together.
+            attn = layer.get_submodule(attn_path)
+            layer.set_submodule(attn_path, HeadlessAttention(
+                adapter.attn_out[len(attn_path) + 1:], BiasOnly(out_features(out), out.bias),
+                getattr(attn, "layer_idx", None)))
+            return
         if not attn_path or adapter.attn_out.startswith(attn_path + "."):
             raise SlimformerError(f"family '{adapter.family}' cannot drop all heads of a layer; keep at least one")
         layer.set_submodule(attn_path, Empty(returns_attention=True))
-        layer.set_submodule(adapter.attn_out, BiasOnly(out.out_features, out.bias))
+        layer.set_submodule(adapter.attn_out, BiasOnly(out_features(out), out.bias))
         return
     rows = torch.cat([torch.arange(h * head_dim, (h + 1) * head_dim) for h in keep])
-    for path in (adapter.query, adapter.key, adapter.value):
-        layer.set_submodule(path, slice_linear(layer.get_submodule(path), rows, dim=0))
-    layer.set_submodule(adapter.attn_out, slice_linear(out, rows, dim=1))
+    kv_rows = torch.cat([torch.arange(g * head_dim, (g + 1) * head_dim) for g in sorted({h // group for h in keep})])
+    if adapter.fused_qkv:  # outputs [q | k | v], each block as wide as the attention output's input
+        width = in_features(out)
+        qkv = layer.get_submodule(adapter.query)
+        layer.set_submodule(adapter.query, slice_projection(qkv, torch.cat([rows, rows + width, rows + 2 * width]), 0))
+    else:
+        for path, index in ((adapter.query, rows), (adapter.key, kv_rows), (adapter.value, kv_rows)):
+            layer.set_submodule(path, slice_projection(layer.get_submodule(path), index, dim=0))
+    layer.set_submodule(adapter.attn_out, slice_projection(out, rows, dim=1))
     attn = layer.get_submodule(attn_path) if attn_path else layer
-    # BERT's forward reshapes with -1 heads; these attributes are only read by other code, keep them true.
-    if hasattr(attn, "num_attention_heads"):
-        attn.num_attention_heads = len(keep)
-    if hasattr(attn, "all_head_size"):
-        attn.all_head_size = len(keep) * head_dim
+    # The forwards reshape with -1 heads; GPT-2 splits c_attn's output by split_size. Keep the rest true too.
+    for name, value in (("num_attention_heads", len(keep)), ("all_head_size", len(keep) * head_dim),
+                        ("num_heads", len(keep)), ("split_size", len(keep) * head_dim),
+                        ("num_key_value_heads", len(keep) // group)):
+        if isinstance(getattr(attn, name, None), int):
+            setattr(attn, name, value)
 
 
 def _slice_neurons(layer: nn.Module, adapter: ArchAdapter, keep: list[int]) -> None:
@@ -242,11 +372,11 @@ def _slice_neurons(layer: nn.Module, adapter: ArchAdapter, keep: list[int]) -> N
     if not keep:
         for path in adapter.ffn_in:
             layer.set_submodule(path, Empty())
-        layer.set_submodule(adapter.ffn_out, BiasOnly(out.out_features, out.bias))
+        layer.set_submodule(adapter.ffn_out, BiasOnly(out_features(out), out.bias))
         return
     for path in adapter.ffn_in:
-        layer.set_submodule(path, slice_linear(layer.get_submodule(path), keep, dim=0))
-    layer.set_submodule(adapter.ffn_out, slice_linear(out, keep, dim=1))
+        layer.set_submodule(path, slice_projection(layer.get_submodule(path), keep, dim=0))
+    layer.set_submodule(adapter.ffn_out, slice_projection(out, keep, dim=1))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -257,20 +387,27 @@ def _slice_neurons(layer: nn.Module, adapter: ArchAdapter, keep: list[int]) -> N
 def prune_heads(model: nn.Module, keep: Mapping[int, Sequence[int]], plan: SurgeryPlan | None = None
                 ) -> SurgeryPlan:
     """Keep only heads ``keep[layer]`` (current layer position -> current head positions) in each listed
-    layer; unlisted layers are untouched. Returns the updated plan."""
+    layer; unlisted layers are untouched. Returns the updated plan.
+
+    Heads are query heads. With grouped-query attention a keep-set must hold whole key/value groups (query
+    heads ``g*k .. g*k+g-1`` share key/value head ``k``): removing a group removes its key/value rows and all
+    its query heads, so ``num_key_value_groups`` stays right."""
     adapter = adapter_for(model)
     plan = _plan_for(model, plan)
     layers = adapter.get_layers(model)
     head_dim = plan.base["head_dim"]
+    group = adapter.group_size(model.config)
     for pos, kept in keep.items():
         if not 0 <= int(pos) < len(layers):
             raise SlimformerError(f"layer {pos} does not exist (the model has {len(layers)}); use 0..{len(layers) - 1}")
         layer = layers[int(pos)]
         current = head_count(layer, adapter, head_dim)
         kept = _check_keep(kept, current, "heads", f"layer {pos}: ")
+        if group > 1:
+            _check_groups(kept, group, f"layer {pos}: ")
         if len(kept) == current:
             continue
-        _slice_heads(layer, adapter, head_dim, kept)
+        _slice_heads(layer, adapter, head_dim, kept, group)
         base_layer = plan.layers[int(pos)]
         plan.heads[base_layer] = [plan.heads[base_layer][i] for i in kept]
     return plan
@@ -334,7 +471,8 @@ def drop_layers(model: nn.Module, drop: Sequence[int], plan: SurgeryPlan | None 
 
 def prune_vocab(model: nn.Module, keep_ids: Iterable[int], plan: SurgeryPlan | None = None) -> SurgeryPlan:
     """Keep only the embedding rows ``keep_ids`` (current ids); new id = rank of the old id among the kept.
-    Linear layers that read the vocabulary (the adapter's ``vocab_heads``) are sliced alike."""
+    Linear layers that read the vocabulary (the adapter's ``vocab_heads``) are sliced alike; an LM head tied
+    to the embedding (GPT-2, Llama with ``tie_word_embeddings``) stays tied to the new embedding."""
     adapter = adapter_for(model)
     plan = _plan_for(model, plan)
     emb = adapter.base(model).get_submodule(adapter.embeddings)
@@ -351,9 +489,26 @@ def prune_vocab(model: nn.Module, keep_ids: Iterable[int], plan: SurgeryPlan | N
     with torch.no_grad():
         new.weight.copy_(emb.weight.detach()[idx])
     new.weight.requires_grad_(emb.weight.requires_grad)
+    pad_id = getattr(model.config, "pad_token_id", None)
+    if adapter.decoder and pad_id is not None and type(model).__name__.endswith("ForSequenceClassification") \
+            and (pad_id not in kept or kept.index(pad_id) != pad_id):
+        # These heads find each row's last token by comparing ids with config.pad_token_id, which surgery keeps.
+        raise SlimformerError(f"vocabulary pruning would move the pad token id {pad_id} that this decoder's "
+                              "classification head reads from config.json; keep ids 0..pad_token_id or skip --vocab")
     adapter.base(model).set_submodule(adapter.embeddings, new)
     for path in adapter.vocab_heads:
-        model.set_submodule(path, slice_linear(model.get_submodule(path), idx, dim=0))
+        try:
+            head = model.get_submodule(path)
+        except AttributeError:
+            continue  # e.g. a classification model has no LM head
+        if head.weight is emb.weight:  # tied to the embedding: stay tied
+            if getattr(head, "bias", None) is not None:
+                raise SlimformerError(f"'{path}' is tied to the embedding but has a bias; untie it before pruning")
+            head.weight = new.weight
+            if hasattr(head, "out_features"):
+                head.out_features = len(kept)
+        else:
+            model.set_submodule(path, slice_linear(head, idx, dim=0))
     plan.vocab = [plan.vocab[i] for i in kept] if plan.vocab is not None else kept
     return plan
 
@@ -439,9 +594,10 @@ def corpus_token_ids(tokenizer: Any, texts: Iterable[str] | Iterable[list[str]],
 
 
 class VocabMappedTokenizer:
-    """A tokenizer whose ids are remapped onto a pruned vocabulary (new id = rank among kept old ids;
-    anything outside the kept set becomes [UNK]). Text is split exactly as by ``base_tokenizer``, so the
-    pruned model reads ordinary text; ``word_ids()`` and the other encoding helpers keep working."""
+    """A tokenizer whose ids are remapped onto a pruned vocabulary (new id = rank among kept old ids; a
+    WordPiece tokenizer re-splits words into kept pieces, otherwise anything outside the kept set becomes
+    [UNK]). Text is split into words as by ``base_tokenizer``, so the pruned model reads ordinary text;
+    ``word_ids()`` and the other encoding helpers keep working."""
 
     # Methods that take or return ids but are not remapped here: refuse rather than give wrong ids.
     _UNMAPPED = frozenset({"pad", "encode_plus", "batch_encode_plus", "prepare_for_model",
@@ -459,6 +615,8 @@ class VocabMappedTokenizer:
         self._new_of_old = new_of_old
         self._new_of_old_t = torch.from_numpy(new_of_old)
         self._old_of_new = np.asarray(self.vocab_map, dtype=np.int64)
+        # WordPiece: split words with dropped tokens into kept pieces rather than reading them as [UNK].
+        self._restricted = restricted_tokenizer(base_tokenizer, self.vocab_map)
 
     # ---- id translation ------------------------------------------------------------------------
     def to_new(self, ids: Any) -> Any:
@@ -483,12 +641,16 @@ class VocabMappedTokenizer:
 
     # ---- the tokenizer surface ------------------------------------------------------------------
     def __call__(self, *args: Any, **kwargs: Any):
+        if self._restricted is not None:
+            return self._restricted(*args, **kwargs)
         enc = self.base_tokenizer(*args, **kwargs)
         if "input_ids" in enc:
             enc["input_ids"] = self.to_new(enc["input_ids"])
         return enc
 
     def encode(self, *args: Any, **kwargs: Any) -> list[int]:
+        if self._restricted is not None:
+            return self._restricted.encode(*args, **kwargs)
         return self.to_new(self.base_tokenizer.encode(*args, **kwargs))
 
     def decode(self, ids: Any, *args: Any, **kwargs: Any) -> str:
@@ -524,7 +686,7 @@ class VocabMappedTokenizer:
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("__") or name in ("base_tokenizer", "vocab_map", "_new_of_old", "_new_of_old_t",
-                                             "_old_of_new"):
+                                             "_old_of_new", "_restricted"):
             raise AttributeError(name)
         if name in self._UNMAPPED:
             raise AttributeError(f"{name} is not available on a pruned-vocabulary tokenizer; call the tokenizer "

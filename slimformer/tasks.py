@@ -494,7 +494,7 @@ def encode(task: TaskData, examples: list[dict[str, Any]], tokenizer, max_length
     # Causal LM: one long token stream cut into blocks; for evaluation use :func:`perplexity` instead.
     ids: list[int] = []
     for e in examples:
-        ids += tokenizer(e["text"], add_special_tokens=False)["input_ids"]
+        ids += tokenizer(e["text"], add_special_tokens=False, verbose=False)["input_ids"]
     step = stride or max_length
     feats = []
     for start in range(0, max(1, len(ids) - 1), step):

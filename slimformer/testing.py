@@ -1,7 +1,8 @@
 """Helpers for tests: tiny random models of each family, built offline from configs.
 
 The tiny models use the real (packaged) MiniLM tokenizer so that text goes in as it would in production,
-with a 2-layer, 4-head, hidden-32 body that runs in milliseconds.
+with a 2-layer, 4-head, hidden-32 body that runs in milliseconds. The decoders (GPT-2, Llama with grouped-query
+attention) get a causal LM head and the same tokenizer, whose ``[PAD]`` is their pad token.
 """
 
 from __future__ import annotations
@@ -9,9 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer, BertConfig
+from transformers import AutoTokenizer, BertConfig, GPT2Config, LlamaConfig
 
-from slimformer.models import AUTO_CLASSES, SHORT_NAMES, SlimModel
+from slimformer.models import AUTO_CLASSES, SHORT_NAMES, SlimModel, prepare_lm_tokenizer
 from slimformer.tasks import TaskData, TaskType
 
 TINY_BERT = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64,
@@ -67,4 +68,102 @@ def write_sst2_folder(folder: Path, n: int = 40) -> Path:
     for name, rows in (("train.tsv", task.train), ("dev.tsv", task.eval)):
         lines = ["sentence\tlabel"] + [f"{r['text']} \t{r['label']}" for r in rows]
         (folder / name).write_text("\n".join(lines) + "\n")
+    return folder
+
+
+TINY_GPT2 = {"n_embd": 32, "n_layer": 2, "n_head": 4, "n_inner": 64, "n_positions": 256, "resid_pdrop": 0.0,
+             "embd_pdrop": 0.0, "attn_pdrop": 0.0}
+TINY_LLAMA = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+              "intermediate_size": 64, "max_position_embeddings": 256, "rms_norm_eps": 1e-6}
+
+
+def _decoder_ids(tok) -> dict[str, int]:
+    """Special ids for a decoder built on the MiniLM tokenizer: [PAD] pads, [CLS]/[SEP] stand for BOS/EOS."""
+    return {"pad_token_id": tok.pad_token_id, "bos_token_id": tok.cls_token_id, "eos_token_id": tok.sep_token_id}
+
+
+def _decoder(config, name: str, seed: int) -> SlimModel:
+    tok = prepare_lm_tokenizer(minilm_tokenizer())
+    torch.manual_seed(seed)
+    model = AUTO_CLASSES[TaskType.CAUSAL_LM].from_config(config).eval()
+    return SlimModel(model=model, tokenizer=tok, task_type=TaskType.CAUSAL_LM, record={"base_model": name},
+                     source=name)
+
+
+def tiny_gpt2(seed: int = 0, **overrides) -> SlimModel:
+    """A randomly initialised tiny GPT-2 (Conv1D projections, fused c_attn, tied LM head)."""
+    tok = minilm_tokenizer()
+    config = GPT2Config(**{**TINY_GPT2, "vocab_size": len(tok), **_decoder_ids(tok), **overrides})
+    return _decoder(config, "tiny-gpt2", seed)
+
+
+def tiny_llama(seed: int = 0, **overrides) -> SlimModel:
+    """A randomly initialised tiny Llama with grouped-query attention (4 query heads, 2 key/value heads)."""
+    tok = minilm_tokenizer()
+    config = LlamaConfig(**{**TINY_LLAMA, "vocab_size": len(tok), **_decoder_ids(tok), **overrides})
+    return _decoder(config, "tiny-llama", seed)
+
+
+LM_SENTENCES = [
+    "the cat sat on the mat .", "the dog sat on the rug .", "a bird sang in the tree .",
+    "the cat ate the fish .", "the dog ate the bone .", "a bird ate the seed .",
+    "the sun rose over the hill .", "the moon rose over the sea .",
+]
+
+
+def tiny_lm_task(n_train: int = 200, n_eval: int = 40, seed: int = 0) -> TaskData:
+    """A plain-text LM task over a tiny, very regular corpus (no files needed); eval text is held out."""
+    import random
+
+    rng = random.Random(seed)
+
+    def text(n: int) -> str:
+        return " ".join(rng.choice(LM_SENTENCES) for _ in range(n))
+
+    return TaskData(TaskType.CAUSAL_LM, train=[{"text": text(n_train)}], tuning=[{"text": text(n_eval)}],
+                    eval=[{"text": text(n_eval)}], source="tiny-lm", eval_source="tiny-lm eval")
+
+
+def write_text_folder(folder: Path, n_train: int = 200, n_eval: int = 40) -> Path:
+    """A tiny WikiText-style folder (valid.txt, test.txt) for CLI tests."""
+    task = tiny_lm_task(n_train, n_eval)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "valid.txt").write_text(task.train[0]["text"] + "\n")
+    (folder / "test.txt").write_text(task.eval[0]["text"] + "\n")
+    return folder
+
+
+def gpt2_style_tokenizer(texts: list[str], vocab_size: int = 1000):
+    """A byte-level BPE tokenizer trained on ``texts`` and wrapped like GPT-2's: ``<|endoftext|>`` is BOS and
+    EOS, and there is no pad token (as with the real GPT-2 and Llama tokenizers). Offline stand-in for a hub
+    tokenizer."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=2, special_tokens=["<|endoftext|>"],
+                            show_progress=False)
+    return PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token="<|endoftext|>",
+                                   eos_token="<|endoftext|>", unk_token="<|endoftext|>",
+                                   model_input_names=["input_ids", "attention_mask"])
+
+
+def save_hub_style_decoder(folder: Path, family: str = "gpt2", texts: list[str] | None = None,
+                           vocab_size: int = 1000, seed: int = 0, **overrides) -> Path:
+    """A plain Hugging Face folder (config.json, model.safetensors, tokenizer; no slimformer.json) holding a tiny
+    random GPT-2 or Llama with a GPT-2-style tokenizer: what a hub download of a real decoder looks like."""
+    texts = texts or [tiny_lm_task().train[0]["text"]]
+    tok = gpt2_style_tokenizer(texts, vocab_size)
+    ids = {"vocab_size": len(tok), "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id}
+    if family == "gpt2":
+        config = GPT2Config(**{**TINY_GPT2, **ids, **overrides})
+    elif family == "llama":
+        config = LlamaConfig(**{**TINY_LLAMA, **ids, **overrides})
+    else:
+        raise ValueError(f"unknown family {family}; use gpt2 or llama")
+    torch.manual_seed(seed)
+    model = AUTO_CLASSES[TaskType.CAUSAL_LM].from_config(config)
+    folder = Path(folder)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
     return folder

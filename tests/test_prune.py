@@ -59,7 +59,8 @@ def test_layers_and_vocab(tmp_path):
     slim, task = tiny_bert(num_hidden_layers=3), tiny_sst2_task(16, 8)
     ref = evaluate(torch_runner(slim.model), slim.tokenizer, task, bootstrap=0)
     prune(slim, task, PruneConfig(vocab=True), tmp_path / "w", progress=False)
-    assert len(slim.tokenizer) < 100 and slim.record["vocab_map"] == slim.record["surgery"]["vocab"]
+    # the corpus' tokens plus the single-character pieces that spell unseen words (a few hundred at most)
+    assert len(slim.tokenizer) < 400 and slim.record["vocab_map"] == slim.record["surgery"]["vocab"]
     # the task's text uses only kept tokens, so the model's predictions do not change
     assert evaluate(torch_runner(slim.model), slim.tokenizer, task, bootstrap=0)["value"] == ref["value"]
     prune(slim, task, PruneConfig(drop_layers=(1,)), tmp_path / "w", progress=False)
@@ -184,3 +185,25 @@ def test_cli_bad_input_is_one_line(tmp_path, monkeypatch, capsys, args, message)
     assert code == 2 and message in err and "Traceback" not in err, err
     assert len([line for line in err.strip().splitlines() if line.strip()]) == 1, err
     assert not (tmp_path / "p").exists()
+
+
+def test_given_kd_teacher_reads_the_pruned_vocabulary(tmp_path, monkeypatch):
+    """A teacher passed in (as the search does) must get the student's vocabulary cut, or its soft targets
+    would be computed on the wrong token ids."""
+    import slimformer.stages.prune as prune_mod
+
+    slim, task = tiny_bert(seed=5), tiny_sst2_task(16, 8)
+    teacher = tiny_bert(seed=5).model
+    full_rows = teacher.get_input_embeddings().num_embeddings
+    seen = {}
+
+    def spy(s, t, c, w, tchr, **kw):
+        seen["teacher_rows"] = tchr.get_input_embeddings().num_embeddings
+        seen["student_rows"] = s.model.get_input_embeddings().num_embeddings
+        return {}
+
+    monkeypatch.setattr(prune_mod, "recover", spy)
+    prune(slim, task, PruneConfig(vocab=True, heads=0.5, recover="kd"), tmp_path / "w", teacher=teacher,
+          progress=False)
+    assert seen["teacher_rows"] == seen["student_rows"] < full_rows
+    assert teacher.get_input_embeddings().num_embeddings == full_rows  # the caller's model is left alone

@@ -204,13 +204,14 @@ def test_vocab_pruning_keeps_logits_on_text_of_kept_tokens():
     set_plan(slim, plan)
     assert len(slim.tokenizer) == len(plan.vocab) < 100
     assert torch.equal(logits(slim), ref)
-    # A word outside the corpus reads as [UNK] in both the pruned model and the plain tokenizer's view.
+    # A word that the kept pieces cannot spell reads as one [UNK] (WordPiece semantics; see test_vocab.py
+    # for the single-character fallback that avoids it).
     base = slim.tokenizer.base_tokenizer
     unk_text = ["a charming xylophone"]
     enc = slim.tokenizer(unk_text, return_tensors="pt")
     assert slim.tokenizer.unk_token_id in enc["input_ids"][0].tolist()
-    pieces = len(base.tokenize("xylophone"))  # each word piece outside the kept set becomes [UNK]
-    assert slim.tokenizer.decode(enc["input_ids"][0]) == "[CLS] a charming" + " [UNK]" * pieces + " [SEP]"
+    assert len(base.tokenize("xylophone")) > 1
+    assert slim.tokenizer.decode(enc["input_ids"][0]) == "[CLS] a charming [UNK] [SEP]"
     assert base(unk_text)["input_ids"][0] != enc["input_ids"][0].tolist()
 
 

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 from slimformer.arch.base import ArchAdapter
 from slimformer.arch.bert import BERT
+from slimformer.arch.gpt2 import GPT2
+from slimformer.arch.llama import LLAMA
 from slimformer.errors import SlimformerError
 
-ADAPTERS: list[ArchAdapter] = [BERT]
+ADAPTERS: list[ArchAdapter] = [BERT, GPT2, LLAMA]
 
 
 def adapter_for(model_or_config) -> ArchAdapter:

@@ -215,6 +215,9 @@ def distill_train(student: SlimModel, teacher: torch.nn.Module, task: TaskData, 
                   work_dir: str | Path, *, progress: bool = True) -> dict[str, Any]:
     """Train ``student`` in place against ``teacher`` (any model with the same output space).
     Also used for recovery training after pruning (the unpruned model as teacher)."""
+    if config.cache_teacher and task.type == TaskType.CAUSAL_LM:
+        raise SlimformerError("--cache-teacher would keep vocabulary-sized logits for every token of the corpus; "
+                              "turn it off for causal-lm")
     if config.attention_weight > 0:
         for m in (student.model, teacher):
             if hasattr(m, "set_attn_implementation"):

@@ -126,10 +126,16 @@ def train(
 
     model = model if model is not None else slim.model
     tok = slim.tokenizer
-    train_ex = task.train[: config.max_train_examples] if config.max_train_examples else task.train
+    lm = task.type == TaskType.CAUSAL_LM
+    # A causal-LM corpus is one text cut into blocks of max_length tokens: there, examples are blocks.
+    train_ex = task.train[: config.max_train_examples] if config.max_train_examples and not lm else task.train
     if not train_ex:
         raise SlimformerError("the training split is empty; give more training data")
     train_feats = encode(task, train_ex, tok, max_length=config.max_length)
+    if lm and config.max_train_examples:
+        train_feats = train_feats[: config.max_train_examples]
+    if not train_feats:
+        raise SlimformerError("the training text is too short to make one block of tokens; give more text")
     tune_feats = encode(task, task.tuning, tok, max_length=config.max_length) if task.tuning else None
     metric, direction = primary_metric(task.type)
     if task.type == TaskType.CAUSAL_LM:
@@ -256,9 +262,10 @@ def _wrap_lora(slim: SlimModel, config: FinetuneConfig):
     adapter = adapter_for(slim.model)
     base = adapter.base(slim.model)
     extra = [name for name in adapter.head_modules if getattr(base, name, None) is not None]
+    # GPT-2's Conv1D stores its weight as [in, out]: peft must know (fan_in_fan_out), or the merge is wrong.
     lora = LoraConfig(task_type=peft_task, r=config.lora_r, lora_alpha=config.lora_alpha,
                       lora_dropout=config.lora_dropout, target_modules=list(adapter.lora_targets),
-                      modules_to_save=extra or None)
+                      modules_to_save=extra or None, fan_in_fan_out=adapter.transposed_weights)
     return get_peft_model(slim.model, lora)
 
 

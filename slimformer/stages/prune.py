@@ -7,7 +7,9 @@ Order of work, and why:
 2. layers (``drop_layers`` or ``keep_layers``: keep the bottom N, since dropping top layers hurts least
    after recovery, Sajjad et al. 2023);
 3. heads and FFN neurons in ``steps`` rounds: round k removes up to ``k/steps`` of the original units,
-   scored again on the current model (magnitude or Taylor), then recovers;
+   scored again on the current model (magnitude or Taylor), then recovers. Under grouped-query attention
+   (Llama) whole key/value groups are ranked by their query heads' summed scores and removed together;
+   for a causal LM, Taylor scores use the LM loss on the training text (labels = input ids);
 4. unstructured magnitude pruning with ``torch.nn.utils.prune`` at ``k/steps`` of the target sparsity in
    round k, made permanent at once; during recovery the zeroed weights get zero gradients, so they stay zero.
 
@@ -30,7 +32,16 @@ from torch import nn
 from slimformer import models
 from slimformer.arch import adapter_for
 from slimformer.errors import SlimformerError
-from slimformer.importance import Scope, Unit, magnitude, select_keep, task_batches, taylor_scores, unit_step
+from slimformer.importance import (
+    Scope,
+    Unit,
+    magnitude,
+    select_keep,
+    select_keep_groups,
+    task_batches,
+    taylor_scores,
+    unit_step,
+)
 from slimformer.models import SlimModel, count_parameters
 from slimformer.stages.finetune import TrainConfig, clean_work_dir, restore_plain_forward, train
 from slimformer.surgery import (
@@ -44,6 +55,7 @@ from slimformer.surgery import (
     set_plan,
 )
 from slimformer.tasks import TaskData, TaskType
+from slimformer.vocab import fallback_token_ids
 
 
 class Importance(StrEnum):
@@ -209,11 +221,13 @@ def _vocab_ids(slim: SlimModel, task: TaskData, config: PruneConfig) -> list[int
         if not path.is_file():
             raise SlimformerError(f"vocabulary corpus {path} does not exist; give a plain-text file")
         texts = [t for t in path.read_text(encoding="utf-8").splitlines() if t.strip()]
-        return corpus_token_ids(slim.tokenizer, texts)
+        return sorted(set(corpus_token_ids(slim.tokenizer, texts)) | set(fallback_token_ids(slim.tokenizer, texts)))
     examples = task.train + task.tuning
-    if task.type == TaskType.TOKEN_CLASSIFICATION:
-        return corpus_token_ids(slim.tokenizer, [e["tokens"] for e in examples], split_into_words=True)
-    return corpus_token_ids(slim.tokenizer, [e["text"] for e in examples])
+    split = task.type == TaskType.TOKEN_CLASSIFICATION
+    texts = [e["tokens"] for e in examples] if split else [e["text"] for e in examples]
+    # Single-character pieces let the tokenizer spell words the corpus never had instead of reading [UNK].
+    fallback = fallback_token_ids(slim.tokenizer, texts)
+    return sorted(set(corpus_token_ids(slim.tokenizer, texts, split_into_words=split)) | set(fallback))
 
 
 def _layers_to_keep(n: int, config: PruneConfig) -> list[int] | None:
@@ -259,7 +273,16 @@ def prune(slim: SlimModel, task: TaskData, config: PruneConfig, work_dir: str | 
     summary: dict[str, Any] = {"parameters_before": before["parameters"], "rounds": []}
 
     if config.vocab:
-        plan = prune_vocab(slim.model, _vocab_ids(slim, task, config), plan)
+        kept_ids = _vocab_ids(slim, task, config)
+        if teacher is not None:  # a given teacher must read the same (pruned) token ids as the student
+            rows = teacher.get_input_embeddings().num_embeddings
+            if rows != slim.model.get_input_embeddings().num_embeddings:
+                raise SlimformerError(f"the KD teacher has {rows} vocabulary rows but the model "
+                                      f"{slim.model.get_input_embeddings().num_embeddings}; use a teacher with "
+                                      "the same vocabulary")
+            teacher = copy.deepcopy(teacher).eval()
+            prune_vocab(teacher, kept_ids)
+        plan = prune_vocab(slim.model, kept_ids, plan)
         set_plan(slim, plan)
     teacher_layers = list(plan.layers)  # base indices of the teacher's layers, for the KD layer map
     if config.recover == Recovery.KD and teacher is None:
@@ -274,7 +297,8 @@ def prune(slim: SlimModel, task: TaskData, config: PruneConfig, work_dir: str | 
 
     units = [u for u, r in ((Unit.HEADS, config.heads), (Unit.NEURONS, config.ffn)) if r > 0]
     steps = config.steps if units or config.unstructured else 1
-    head_step = unit_step(config.round_to, plan.base["head_dim"])
+    group = adapter.group_size(slim.model.config)  # grouped-query attention: heads go in whole key/value groups
+    head_step = unit_step(config.round_to, plan.base["head_dim"] * group)
     ffn_step = unit_step(config.round_to, 1)
     for k in range(1, steps + 1):
         frac = k / steps
@@ -283,8 +307,8 @@ def prune(slim: SlimModel, task: TaskData, config: PruneConfig, work_dir: str | 
             scores = _score(slim, task, config, units, k)
             n_layers = len(plan.layers)
             if Unit.HEADS in units:
-                kept = select_keep(scores[Unit.HEADS], config.heads * frac, [plan.base["heads"]] * n_layers,
-                                   scope=config.scope, step=head_step)
+                kept = select_keep_groups(scores[Unit.HEADS], config.heads * frac, [plan.base["heads"]] * n_layers,
+                                          group=group, scope=config.scope, step=head_step)
                 plan = prune_heads(slim.model, kept, plan)
             if Unit.NEURONS in units:
                 kept = select_keep(scores[Unit.NEURONS], config.ffn * frac, [plan.base["ffn"]] * n_layers,

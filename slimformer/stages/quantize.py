@@ -42,9 +42,17 @@ from torch import nn
 
 from slimformer import models
 from slimformer.errors import SlimformerError
-from slimformer.quantizer import Granularity, QuantEmbedding, QuantLinear, QuantSpec, fake_quant
+from slimformer.quantizer import (
+    Granularity,
+    QuantEmbedding,
+    QuantLinear,
+    QuantSpec,
+    conv1d_as_linear,
+    fake_quant,
+    swap_conv1d,
+)
 from slimformer.stages.finetune import TrainConfig
-from slimformer.tasks import TaskData, encode
+from slimformer.tasks import TaskData, TaskType, encode
 
 
 class Scheme(StrEnum):
@@ -171,6 +179,15 @@ def _input_embedding_name(model: nn.Module) -> tuple[str | None, str | None]:
     return None, "the input embedding is not a submodule"
 
 
+def _tied_output_name(model: nn.Module) -> str | None:
+    """Module name of the output layer (LM head) when it shares its weight with the input embedding."""
+    get_in, get_out = getattr(model, "get_input_embeddings", None), getattr(model, "get_output_embeddings", None)
+    emb, out = (get_in() if get_in else None), (get_out() if get_out else None)
+    if emb is None or out is None or getattr(out, "weight", None) is not getattr(emb, "weight", None):
+        return None
+    return next((n for n, m in model.named_modules() if m is out), None)
+
+
 def _probe_torchao_int4() -> str | None:
     """None if torchao's int4 weight-only kernel runs here, else the reason it does not."""
     try:
@@ -217,6 +234,12 @@ def quantize_torch(slim: models.SlimModel, config: QuantizeConfig) -> dict[str, 
         if not supports_fast_bf16():
             info["notes"].append("this CPU has no native bf16 matrix instructions: expect bf16 to be slow here")
 
+    if scheme in (Scheme.TORCH_DYNAMIC_INT8, Scheme.TORCH_INT8_WEIGHT_ONLY, Scheme.TORCH_INT4_WEIGHT_ONLY):
+        swapped = swap_conv1d(model)  # GPT-2: no int8 kernel takes Conv1D; the equivalent Linear is exact
+        if swapped:
+            info["conv1d_as_linear"] = swapped
+            info["notes"].append(f"{len(swapped)} Conv1D layers (GPT-2) turned into the equivalent Linear layers")
+
     emb_info = None
     if config.int8_embeddings():
         name, reason = _input_embedding_name(model)
@@ -230,6 +253,12 @@ def quantize_torch(slim: models.SlimModel, config: QuantizeConfig) -> dict[str, 
     info["embeddings"] = emb_info
 
     names = _linear_names(model)
+    tied = _tied_output_name(model)
+    if tied in names:
+        # A quantized copy of a tied LM head would un-tie it: the float table stays for the input side, so the
+        # model would grow. The head keeps sharing the (float) embedding table.
+        names.remove(tied)
+        info["notes"].append(f"{tied} kept in float: it shares its weight with the input embedding")
     linear: dict[str, Any] | None = None
     if scheme == Scheme.TORCH_DYNAMIC_INT8:
         _dynamic_int8(model, names)
@@ -389,6 +418,8 @@ def replay_quantization(model: nn.Module, record: dict[str, Any], folder: Path) 
     state = load_file(str(Path(folder) / "model.safetensors"))
     if scheme == Scheme.BF16:
         model.to(torch.bfloat16)
+    if record.get("conv1d_as_linear"):
+        swap_conv1d(model, record["conv1d_as_linear"])
     emb = record.get("embeddings")
     if emb:
         out_dtype = getattr(torch, emb.get("out_dtype", "float32"))
@@ -523,6 +554,10 @@ def _calibration_reader(base: type, features: list[dict[str, Any]], input_names:
 
 def _calibration_features(task: TaskData, tokenizer, config: QuantizeConfig) -> list[dict[str, Any]]:
     examples = list(task.train)
+    if task.type == TaskType.CAUSAL_LM:  # one long text: its blocks are the examples
+        feats = encode(task, examples, tokenizer, max_length=config.max_length)
+        random.Random(config.seed).shuffle(feats)
+        return feats[: config.calibration_examples]
     random.Random(config.seed).shuffle(examples)
     return encode(task, examples[: config.calibration_examples], tokenizer, max_length=config.max_length)
 
@@ -672,18 +707,20 @@ def quantization_aware_training(slim: models.SlimModel, task: TaskData, config: 
     from slimformer.stages.finetune import train
 
     teacher = copy.deepcopy(slim.model).eval() if config.qat_teacher_weight > 0 else None
-    n = _set_fake_quant(slim.model, True, config.qat_target)
-    try:
-        if teacher is not None:
-            from slimformer.stages.distill import DistillConfig, distill_train
+    # GPT-2's Conv1D layers train as the equivalent Linear layers, so they see the fake quantization too.
+    with conv1d_as_linear(slim.model):
+        n = _set_fake_quant(slim.model, True, config.qat_target)
+        try:
+            if teacher is not None:
+                from slimformer.stages.distill import DistillConfig, distill_train
 
-            kd = DistillConfig(**config.qat.model_dump(), alpha=1 - config.qat_teacher_weight,
-                               temperature=config.qat_temperature)
-            summary = distill_train(slim, teacher, task, kd, work_dir, progress=progress)
-        else:
-            summary = train(slim, task, config.qat, work_dir, progress=progress)
-    finally:
-        _set_fake_quant(slim.model, False)
+                kd = DistillConfig(**config.qat.model_dump(), alpha=1 - config.qat_teacher_weight,
+                                   temperature=config.qat_temperature)
+                summary = distill_train(slim, teacher, task, kd, work_dir, progress=progress)
+            else:
+                summary = train(slim, task, config.qat, work_dir, progress=progress)
+        finally:
+            _set_fake_quant(slim.model, False)
     for p in slim.model.parameters():
         p.requires_grad_(True)
     slim.model.eval()
