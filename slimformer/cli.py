@@ -152,6 +152,10 @@ def distill(
     hidden_weight: Annotated[float, typer.Option(help="hidden-state MSE weight")] = 0.0,
     attention_weight: Annotated[float, typer.Option(help="attention KL weight")] = 0.0,
     cache_teacher: Annotated[bool, typer.Option(help="reuse teacher logits across epochs")] = False,
+    augment: Annotated[int, typer.Option(help="unlabeled augmented copies of each training text (masked/swapped "
+                                              "words, n-gram spans) learnt from the teacher alone")] = 0,
+    transfer_text: Annotated[Path | None, typer.Option(help="plain-text file of unlabeled in-domain text, one "
+                                                             "example per line, learnt from the teacher alone")] = None,
     task: TaskOpt = None,
     epochs: Annotated[float, typer.Option(help="passes over the training data")] = 3.0,
     lr: Annotated[float, typer.Option("--lr", help="peak learning rate")] = 1e-4,
@@ -183,6 +187,7 @@ def distill(
                     max_eval_examples)
     cfg = _config(DistillConfig, num_layers=depth, layers=layer_list, alpha=alpha, temperature=temperature,
                   hidden_weight=hidden_weight, attention_weight=attention_weight, cache_teacher=cache_teacher,
+                  augment=augment, transfer_text=str(transfer_text) if transfer_text else None,
                   epochs=epochs, learning_rate=lr, batch_size=batch_size, max_length=max_length,
                   evals_per_epoch=evals_per_epoch, precision=precision, seed=seed,
                   max_train_examples=max_train_examples)

@@ -79,3 +79,15 @@ def test_bad_input_is_one_line_without_traceback(tmp_path, tiny_folder, monkeypa
     assert "Traceback" not in err
     assert len([line for line in err.strip().splitlines() if line.strip()]) == 1, err
     assert not (tmp_path / "o").exists()
+
+
+def test_distill_with_augmented_transfer_text(tmp_path, tiny_folder, monkeypatch, capsys):
+    data = write_sst2_folder(tmp_path / "sst")
+    out = tmp_path / "kd"
+    code, stdout, _ = run_main(monkeypatch, capsys, "distill", "--teacher", str(tiny_folder), "--data", str(data),
+                               "--out", str(out), "--layers", "1", "--epochs", "1", "--augment", "1",
+                               "--precision", "fp32", "--json")
+    assert code in (0, None)
+    history = json.loads((out / "slimformer.json").read_text())["history"]
+    kd = next(h for h in history if h["stage"] == "distill")
+    assert kd["settings"]["augment"] == 1 and kd["results"]["transfer_examples"] > 0

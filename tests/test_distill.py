@@ -124,3 +124,54 @@ def test_different_tokenizers_are_refused():
 
     with pytest.raises(SlimformerError, match="different tokenizers"):
         check_same_tokenizer(teacher, Other())
+
+
+def test_augmented_copies_are_deterministic_and_varied():
+    from slimformer.augment import augment_words
+
+    sents = [f"the film was really very good number {i}".split() for i in range(50)]
+    a = augment_words(sents, 2, mask_token="[MASK]", seed=1)
+    assert a == augment_words(sents, 2, mask_token="[MASK]", seed=1)
+    assert a != augment_words(sents, 2, mask_token="[MASK]", seed=2)
+    assert 0.8 * 100 < len(a) <= 100  # identical copies are dropped, and few are identical
+    assert all(s not in sents for s in a)
+    flat = [w for s in a for w in s]
+    assert 0.05 < flat.count("[MASK]") / len(flat) < 0.2  # p_mask = 0.1
+    assert any(len(s) <= 5 for s in a)  # n-gram spans
+    assert set(flat) <= {w for s in sents for w in s} | {"[MASK]"}  # swaps draw from the corpus' words
+
+
+def test_unlabeled_rows_get_soft_targets_only():
+    s, t = torch.randn(4, 2), torch.randn(4, 2)
+    unlabeled = torch.full((4,), -100)
+    kd_only = kd_loss(s, t, None, alpha=0.0, temperature=2.0)
+    assert torch.allclose(kd_loss(s, t, unlabeled, alpha=0.5, temperature=2.0), 0.5 * kd_only)
+    mixed = torch.tensor([1, -100, 0, -100])
+    ce = F.cross_entropy(s[[0, 2]], mixed[[0, 2]])
+    assert torch.allclose(kd_loss(s, t, mixed, alpha=0.5, temperature=2.0), 0.5 * kd_only + 0.5 * ce)
+
+
+@pytest.mark.parametrize("kind", ["seq", "ner"])
+def test_distillation_with_transfer_text(tmp_path, kind):
+    task = tiny_sst2_task() if kind == "seq" else tiny_ner_task()
+    teacher = tiny_bert("sequence-classification" if kind == "seq" else "token-classification")
+    text = tmp_path / "transfer.txt"
+    text.write_text("a few unlabeled words\n\nmore text here\n")
+    cfg = DistillConfig(num_layers=1, epochs=1, augment=2, transfer_text=str(text), **FAST)
+    student, summary = distill(teacher, task, cfg, tmp_path / "s", progress=False)
+    # 2 transfer lines + about 2 copies of every training example, each seen once.
+    assert 2 + len(task.train) < summary["transfer_examples"] <= 2 + 2 * len(task.train)
+    assert summary["steps"] > 0
+
+
+def test_bad_transfer_text(tmp_path):
+    task = tiny_sst2_task()
+    teacher = tiny_bert()
+    with pytest.raises(SlimformerError, match="does not exist"):
+        distill(teacher, task, DistillConfig(num_layers=1, transfer_text=str(tmp_path / "no.txt"), **FAST),
+                tmp_path / "s", progress=False)
+    with pytest.raises(SlimformerError, match="classification tasks"):
+        from slimformer.testing import tiny_gpt2, tiny_lm_task
+
+        distill(tiny_gpt2(), tiny_lm_task(), DistillConfig(num_layers=1, augment=1, **FAST), tmp_path / "s2",
+                progress=False)

@@ -39,6 +39,10 @@ class DistillConfig(TrainConfig):
     hidden_weight: float = Field(0.0, ge=0, description="weight of hidden-state MSE at mapped layers")
     attention_weight: float = Field(0.0, ge=0, description="weight of attention-distribution KL at mapped layers")
     cache_teacher: bool = Field(False, description="compute teacher logits once and reuse them across epochs")
+    augment: int = Field(0, ge=0, le=50, description="unlabeled augmented copies of each training text (masked, "
+                         "swapped words, n-gram spans), learnt from the teacher's soft targets only")
+    transfer_text: str | None = Field(None, description="a plain-text file of unlabeled in-domain text, one example "
+                                      "per line, learnt from the teacher's soft targets only")
 
     @field_validator("layers")
     @classmethod
@@ -102,7 +106,7 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: 
         log_p_t = F.log_softmax(t[keep] / temperature, dim=-1)
         kl = F.kl_div(log_p_s, log_p_t, log_target=True, reduction="batchmean")
         loss = loss + (1 - alpha) * temperature**2 * kl
-    if alpha > 0 and labels is not None:
+    if alpha > 0 and labels is not None and bool((labels != -100).any()):  # unlabeled rows: soft targets only
         loss = loss + alpha * F.cross_entropy(s, labels.reshape(-1), ignore_index=-100)
     return loss
 
@@ -223,14 +227,61 @@ def distill_train(student: SlimModel, teacher: torch.nn.Module, task: TaskData, 
             if hasattr(m, "set_attn_implementation"):
                 m.set_attn_implementation("eager")  # fused SDPA kernels do not return attention maps
     layer_map = _layer_map(student, teacher, config)
+    extra = transfer_features(student, task, config)
 
     def trainer_cls(*args, **kwargs):
         kwargs["train_dataset"] = _Indexed(kwargs["train_dataset"])
         return KDTrainer(*args, teacher=teacher, kd=config, task_type=task.type, layer_map=layer_map, **kwargs)
 
-    summary = train(student, task, config, work_dir, trainer_cls=trainer_cls, progress=progress)
+    summary = train(student, task, config, work_dir, trainer_cls=trainer_cls, extra_train_features=extra,
+                    progress=progress)
     summary["layer_map"] = layer_map
+    summary["transfer_examples"] = len(extra)
     return summary
+
+
+def transfer_texts(student: SlimModel, task: TaskData, config: DistillConfig) -> list[list[str]]:
+    """Unlabeled texts (as word lists) the student learns from the teacher alone: ``config.augment``
+    augmented copies of the training texts (:mod:`slimformer.augment`) and the lines of ``transfer_text``."""
+    from slimformer.augment import augment_words
+
+    if not config.augment and not config.transfer_text:
+        return []
+    if task.type not in (TaskType.SEQUENCE_CLASSIFICATION, TaskType.TOKEN_CLASSIFICATION):
+        raise SlimformerError("--augment and --transfer-text apply to classification tasks; for causal-lm add the "
+                              "text to the training corpus instead")
+    out: list[list[str]] = []
+    if config.transfer_text:
+        path = Path(config.transfer_text)
+        if not path.is_file():
+            raise SlimformerError(f"transfer text {path} does not exist; give a plain-text file, one example per line")
+        out += [line.split() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if not out:
+            raise SlimformerError(f"transfer text {path} has no text; give one example per line")
+    if config.augment:
+        train = task.train[: config.max_train_examples] if config.max_train_examples else task.train
+        words = [e["tokens"] if task.type == TaskType.TOKEN_CLASSIFICATION else e["text"].split() for e in train]
+        mask = getattr(student.tokenizer, "mask_token", None) or getattr(student.tokenizer, "unk_token", None) or ""
+        out += augment_words(words, config.augment, mask_token=mask, seed=config.seed)
+    return out
+
+
+def transfer_features(student: SlimModel, task: TaskData, config: DistillConfig) -> list[dict[str, Any]]:
+    """:func:`transfer_texts` encoded like training examples, with every label -100 (no hard label)."""
+    texts = transfer_texts(student, task, config)
+    if not texts:
+        return []
+    tok = student.tokenizer
+    if task.type == TaskType.SEQUENCE_CLASSIFICATION:
+        enc = tok([" ".join(w) for w in texts], truncation=True, max_length=config.max_length)
+        return [{**{k: enc[k][i] for k in enc}, "labels": -100} for i in range(len(texts))]
+    enc = tok(texts, is_split_into_words=True, truncation=True, max_length=config.max_length)
+    feats = []
+    for i in range(len(texts)):
+        word_ids = enc.word_ids(i)
+        feats.append({**{k: enc[k][i] for k in enc}, "labels": [-100] * len(word_ids),
+                      "word_ids": [-1 if w is None else w for w in word_ids]})
+    return feats
 
 
 def check_same_tokenizer(teacher: SlimModel, student_tokenizer) -> None:

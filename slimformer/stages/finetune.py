@@ -117,11 +117,13 @@ def train(
     trainer_cls=None,
     trainer_kwargs: dict[str, Any] | None = None,
     model: torch.nn.Module | None = None,
+    extra_train_features: list[dict[str, Any]] | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Train ``model`` (default ``slim.model``) on ``task.train`` and keep the best checkpoint on
     ``task.tuning``. Checkpoints live in ``work_dir``; a run started again with the same ``work_dir``
-    resumes from the last checkpoint. Returns the training summary."""
+    resumes from the last checkpoint. ``extra_train_features`` (already encoded; e.g. unlabeled transfer
+    text for distillation, labels -100) join the training features. Returns the training summary."""
     from transformers import Trainer, TrainingArguments
 
     model = model if model is not None else slim.model
@@ -136,6 +138,7 @@ def train(
         train_feats = train_feats[: config.max_train_examples]
     if not train_feats:
         raise SlimformerError("the training text is too short to make one block of tokens; give more text")
+    train_feats = train_feats + list(extra_train_features or [])
     tune_feats = encode(task, task.tuning, tok, max_length=config.max_length) if task.tuning else None
     metric, direction = primary_metric(task.type)
     if task.type == TaskType.CAUSAL_LM:
