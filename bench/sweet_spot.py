@@ -35,12 +35,15 @@ def main(default_data: str, default_teacher: str, default_out: str, targets: dic
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--rounds", type=int, default=3, help="interleaved measurement rounds at the end")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--student", action="append", default=[], metavar="PATH",
+                    help="a student distilled already, used instead of the search's own at its depth (repeatable)")
     args = ap.parse_args()
 
     task = load_task_data(args.data, seed=args.seed)
     teacher = args.teacher if Path(args.teacher).exists() else "minilm"
     cfg = SearchConfig(seed=args.seed, trials=args.trials, time_budget_s=args.time_budget, budget=args.budget,
-                       threads=args.threads, finetune=FinetuneConfig(epochs=2, evals_per_epoch=4))
+                       threads=args.threads, students=args.student,
+                       finetune=FinetuneConfig(epochs=2, evals_per_epoch=4))
     summary = run_search(teacher, task, cfg, args.out, progress=True, log=lambda m: print(m, file=sys.stderr))
     chosen = summary["chosen"]
     if chosen is None:

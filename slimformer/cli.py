@@ -381,6 +381,9 @@ def search(
     storage: Annotated[str | None, typer.Option(help="Optuna storage URL (default: SQLite in --out)")] = None,
     worker: Annotated[bool, typer.Option(help="join a shared study as an extra worker (no final report)")] = False,
     space: Annotated[Path | None, typer.Option(help="YAML file with search-space settings")] = None,
+    student: Annotated[list[Path] | None, typer.Option(
+        "--student", metavar="PATH", help="a student distilled already (slimformer distill), used instead of "
+                                          "distilling one at its depth; repeat for several depths")] = None,
     batch: Annotated[int, typer.Option(help="latency batch size")] = 1,
     seq: Annotated[int, typer.Option(help="latency sequence length")] = 128,
     threads: Annotated[int | None, typer.Option(help="measurement threads (default: all cores)")] = None,
@@ -408,7 +411,7 @@ def search(
         space_cfg = _config(SearchSpace, **(yaml.safe_load(space.read_text()) or {}))
     cfg = _config(SearchConfig, objective=objective, budget=budget, trials=trials,
                   time_budget_s=_seconds(time_budget), strategy=strategy, storage=storage, batch=batch, seq=seq,
-                  threads=threads, seed=seed,
+                  threads=threads, seed=seed, students=[str(p) for p in student] if student else None,
                   space=space_cfg)
     td = _task_data(data, task, text_column, label_column, labels, eval_split, seed, max_train_examples)
     with _stdout_for(json_out):

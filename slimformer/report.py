@@ -176,6 +176,8 @@ def reproduce_command(config, model: str, data: str, out: str) -> str:
              "--budget", config.budget, "--trials", str(config.trials), "--seed", str(config.seed), "--out", out]
     if config.time_budget_s:
         parts += ["--time-budget", f"{int(config.time_budget_s)}s"]
+    for student in config.students:
+        parts += ["--student", student]
     return shlex.join(parts)
 
 
@@ -194,12 +196,15 @@ def write_report(out: Path, summary: dict[str, Any], config, *, model: str) -> P
                    f"the budget **{'holds' if holds else 'does NOT hold'}** there.")
     else:
         verdict = "No candidate met the budget on the tuning split. The frontier below shows what is reachable."
+    students = summary.get("students") or {}
+    given = "".join([" Students given, used instead of distilling at their depths: ",
+                     ", ".join(f"depth {d} `{p}`" for d, p in sorted(students.items())), "."]) if students else ""
     cmd = reproduce_command(config, model, summary["task"]["source"].rsplit("/", 1)[0], summary["out"])
     md = "\n\n".join([
         "# slimformer search report",
         f"Model `{model}`, task {summary['task']['type']}, data `{summary['task']['source']}`; objective "
         f"**{summary['objective']}**, budget `{', '.join(summary['budget'])}`; {len(summary['candidates'])} "
-        f"candidates ({summary.get('failed_trials', 0)} failed trials) in {summary['seconds'] / 60:.1f} min.",
+        f"candidates ({summary.get('failed_trials', 0)} failed trials) in {summary['seconds'] / 60:.1f} min.{given}",
         verdict,
         "## Side by side",
         _md_table(side_h, side_r),

@@ -4,6 +4,8 @@ machine, and choose the best point under the user's budget.
 How a search runs (``run_search``):
 
 1. **Teacher.** The given model, fine-tuned first if it has no head for the task (cached in ``teacher/``).
+   Students the user distilled already (``students``) are checked against it and stand in for the quick
+   ones the search would distil at their depths.
 2. **Baseline.** The teacher in fp32 PyTorch, scored on the *tuning* split and measured.
 3. **Trials.** Optuna (multi-objective: quality drop and the chosen cost) picks a depth, head and FFN
    ratios, vocabulary pruning and a precision/backend. Work is reused across trials: one distilled student
@@ -123,6 +125,10 @@ class SearchConfig(BaseModel):
     fresh_process_measurement: bool = Field(True, description="measure each candidate in a new process (clean "
                                                               "timing and memory; off only for quick tests)")
     space: SearchSpace = Field(default_factory=SearchSpace, description="what to combine")
+    students: list[str] = Field([], description="folders of students distilled already (slimformer distill), at "
+                                                "most one per depth: used as they are instead of distilling one "
+                                                "with the short kd_* settings; each one's depth is searched even "
+                                                "if the space's depths leave it out")
     finetune: FinetuneConfig = Field(default_factory=lambda: FinetuneConfig(epochs=2),
                                      description="teacher fine-tuning if the model has no task head yet")
 
@@ -139,8 +145,10 @@ def _fmt(x: float) -> str:
 class Builder:
     """Makes the artifact of a parameter set, reusing every intermediate model it has made before."""
 
-    def __init__(self, out: Path, teacher_path: Path, task: TaskData, config: SearchConfig, progress: bool):
+    def __init__(self, out: Path, teacher_path: Path, task: TaskData, config: SearchConfig, progress: bool,
+                 students: dict[int, Path] | None = None):
         self.out, self.teacher_path, self.task, self.config, self.progress = out, teacher_path, task, config, progress
+        self.students = dict(students or {})  # depth -> the user's folder, read and never written
         self.cache = out / "cache"
         self.cache.mkdir(parents=True, exist_ok=True)
         self._teacher: models.SlimModel | None = None
@@ -155,6 +163,8 @@ class Builder:
         n = self.teacher.config.num_hidden_layers
         if depth == n:
             return self.teacher_path
+        if depth in self.students:
+            return self.students[depth]
         path = self.cache / f"student-d{depth}"
         if not (path / models.RECORD_FILE).exists():
             with _building(path):
@@ -207,7 +217,9 @@ class Builder:
         precision = Precision(p["precision"])
         if precision == Precision.FP32:
             return src
-        path = self.out / "candidates" / f"{src.name}-{precision.value}"
+        # A given student's folder name is the user's (two may share one): its conversions are named by depth.
+        stem = f"student-d{p['depth']}" if src == self.students.get(p["depth"]) else src.name
+        path = self.out / "candidates" / f"{stem}-{precision.value}"
         if not (path / models.RECORD_FILE).exists():
             with _building(path):
                 if not (path / models.RECORD_FILE).exists():
@@ -357,6 +369,64 @@ def prepare_teacher(model: str, task: TaskData, config: SearchConfig, out: Path,
     return teacher
 
 
+def given_students(config: SearchConfig, teacher: models.SlimModel) -> dict[int, Path]:
+    """The user's distilled students by depth, each loaded once and checked against the teacher before any
+    work: a student the search cannot use (another task, labels or tokenizer, no smaller than the teacher)
+    would otherwise fail trial after trial, or be scored against a teacher whose outputs it never learnt."""
+    from slimformer.arch import adapter_for
+    from slimformer.stages.distill import check_same_tokenizer
+
+    n_layers = len(adapter_for(teacher.model).get_layers(teacher.model))
+    out: dict[int, Path] = {}
+    for given in config.students:
+        path = Path(given).expanduser().resolve()
+        try:
+            models.resolve_model_path(path)  # a folder with a config and safetensors weights
+        except SlimformerError as e:
+            raise SlimformerError(f"student: {e}") from None
+        record = models.read_record(path)
+        rec_type = record.get("task", {}).get("type")
+        if rec_type and rec_type != str(teacher.task_type):
+            raise SlimformerError(f"student {given} was trained for {rec_type}, the teacher for {teacher.task_type}; "
+                                  "give a student distilled from this teacher")
+        if record.get("quantization") or record.get("vocab_map"):
+            raise SlimformerError(f"student {given} is quantized or has a pruned vocabulary; give it as distilled: "
+                                  "the search prunes and quantizes it itself")
+        try:
+            slim = models.load(path, teacher.task_type)
+        except SlimformerError as e:
+            raise SlimformerError(f"student: {e}") from None
+        if slim.label_names != teacher.label_names:
+            raise SlimformerError(f"student {given} predicts labels {slim.label_names}, the teacher "
+                                  f"{teacher.label_names}; give a student distilled from this teacher")
+        try:
+            check_same_tokenizer(teacher, slim.tokenizer)
+        except SlimformerError:
+            raise SlimformerError(f"student {given} has another tokenizer vocabulary than the teacher; give a student "
+                                  "distilled from this teacher (slimformer distill keeps its tokenizer)") from None
+        depth = len(adapter_for(slim.model).get_layers(slim.model))
+        del slim
+        if depth >= n_layers:
+            raise SlimformerError(f"student {given} has {depth} layers, the teacher {n_layers}; give a student with "
+                                  "fewer layers (the teacher itself is always searched)")
+        if depth in out:
+            raise SlimformerError(f"students {out[depth]} and {path} both have depth {depth}; give one student "
+                                  "per depth")
+        out[depth] = path
+    return out
+
+
+def _check_same_students(out: Path, students: dict[int, Path]) -> None:
+    """Cached students, pruned models and finished candidates are keyed by depth, not by where a student came
+    from: a search resumed in the same folder with other students would mix their numbers silently."""
+    f = out / "search.json"
+    before = json.loads(f.read_text()).get("students", {}) if f.exists() else {}
+    now = {str(d): str(p) for d, p in students.items()}
+    if f.exists() and before != now:
+        raise SlimformerError(f"{out} holds a search with other students ({before or 'none given'}); give the same "
+                              "--student options as before, or a new --out")
+
+
 def _storage(config: SearchConfig, out: Path):
     import optuna
     from optuna.storages import RDBStorage, RetryFailedTrialCallback
@@ -466,8 +536,12 @@ def run_search(model: str, task: TaskData, config: SearchConfig, out: str | os.P
     teacher_path = prepare_teacher(model, task, config, out, progress)
     builder = Builder(out, teacher_path, task, config, progress)
     n_layers = builder.teacher.config.num_hidden_layers
+    students = given_students(config, builder.teacher)
+    _check_same_students(out, students)
+    builder.students = students
     space_lists = {
-        "depth": config.space.resolved_depths(n_layers),
+        # A given student's depth is always searched: the user made it to be tried.
+        "depth": sorted(set(config.space.resolved_depths(n_layers)) | set(students), reverse=True),
         "heads": list(config.space.heads),
         "ffn": list(config.space.ffn),
         # A language model's vocabulary is its output space: pruning it would give unseen tokens no probability.
@@ -490,7 +564,8 @@ def run_search(model: str, task: TaskData, config: SearchConfig, out: str | os.P
                  for p in seed_params(config.space, n_layers)]
         for p in reference_params(n_layers) + seeds:
             study.enqueue_trial(p, skip_if_exists=True)
-    _json_dump(out / "search.json", {"model": model, "data": task.source, "config": config.model_dump(mode="json")})
+    _json_dump(out / "search.json", {"model": model, "data": task.source, "config": config.model_dump(mode="json"),
+                                     "students": {str(d): str(p) for d, p in students.items()}})
 
     def objective(trial) -> tuple[float, float]:
         trial.set_user_attr("worker", _owner())
@@ -518,7 +593,8 @@ def run_search(model: str, task: TaskData, config: SearchConfig, out: str | os.P
                 quality = _quality(path, task, "tuning", 200, threads)
                 card = _cost(path, config)
                 cand = make_candidate(key, p, path, quality, card, baseline, task.type)
-                cand = Candidate(**{**vars(cand), "params": {**p, "seconds": round(time.time() - t0, 1),
+                given = {"student": str(students[p["depth"]])} if p["depth"] in students else {}
+                cand = Candidate(**{**vars(cand), "params": {**p, **given, "seconds": round(time.time() - t0, 1),
                                                              "measured_on": distributed.host()}})
             trial.set_user_attr("candidate", cand.to_dict())
         if progress:
@@ -553,7 +629,7 @@ def run_search(model: str, task: TaskData, config: SearchConfig, out: str | os.P
     if worker:
         return {"out": str(out), "trials": len(study.trials)}
     return finish(study, out, task, config, budget, baseline, teacher_path, threads, time.time() - t_start,
-                  model=model, log=log)
+                  model=model, log=log, students=students)
 
 
 def _finished_candidate(study, key: str) -> Candidate | None:
@@ -633,7 +709,8 @@ def collect(study) -> list[Candidate]:
 
 
 def finish(study, out: Path, task: TaskData, config: SearchConfig, budget: list[Constraint], baseline: dict[str, Any],
-           teacher_path: Path, threads: int, seconds: float, *, model: str, log=print) -> dict[str, Any]:
+           teacher_path: Path, threads: int, seconds: float, *, model: str, log=print,
+           students: dict[int, Path] | None = None) -> dict[str, Any]:
     """Frontier, choice under the budget, confirmation on the eval split, export and report."""
     from slimformer import report
 
@@ -672,6 +749,7 @@ def finish(study, out: Path, task: TaskData, config: SearchConfig, budget: list[
         "chosen": chosen.to_dict() if chosen else None, "references": [c.name for c in references],
         "baseline": baseline, "confirmation": confirmation, "task": task.describe(),
         "failed_trials": sum(1 for t in study.trials if t.state.name == "FAIL"),
+        "students": {str(d): str(p) for d, p in (students or {}).items()},
     }
     _json_dump(out / "summary.json", summary)
     report.write_report(out, summary, config, model=model)

@@ -110,3 +110,79 @@ def test_killed_search_resumes_without_losing_or_repeating_candidates(setup):
     assert len(after) >= 6  # `--trials 6` counts distinct candidates, repeats of finished points do not use it up
     assert (out / "report.md").exists()
     assert param_key({"depth": 2, "heads": 0.0, "ffn": 0.0, "vocab": False, "precision": "fp32"}) in after
+
+
+# Given students: one depth of the teacher's tokens and labels; a space that measures every point of it.
+STUDENT_SPACE = SearchSpace(depths=[2], heads=[0.0], ffn=[0.0], vocab=[False], precisions=["fp32", "ort-dynamic-int8"])
+
+
+def _student(teacher: models.SlimModel, layers: list[int], out: Path) -> Path:
+    from slimformer.stages.distill import make_student
+
+    return models.save(make_student(teacher, layers), out)
+
+
+def test_given_student_is_used_instead_of_distilling_one(setup):
+    from slimformer.evaluate import evaluate
+    from slimformer.export import load_runner
+
+    root, teacher, data = setup
+    task = load_task_data(data)
+    student = _student(models.load(teacher), [1], root / "given-d1")
+    files_before = sorted(p.name for p in student.iterdir())
+    cfg = SearchConfig(trials=4, threads=1, space=STUDENT_SPACE, strategy="grid", fresh_process_measurement=False,
+                       budget="quality_drop<=100", students=[str(student)])
+    out = root / "with-student"
+    summary = run_search(str(teacher), task, cfg, out, progress=False)
+    assert not (out / "cache" / "student-d1").exists()  # nothing distilled: the given student stands in
+    d1 = [c for c in summary["candidates"] if c["params"]["depth"] == 1]  # depth 1 searched though not in depths
+    assert {c["name"] for c in d1} == {"d1-h0-f0-v0-fp32", "d1-h0-f0-v0-ort-dynamic-int8"}
+    assert all(c["params"]["student"] == str(student) for c in d1)
+    runner, tok = load_runner(student, task, threads=1)
+    expected = evaluate(runner, tok, task, "tuning")["value"]
+    fp32 = next(c for c in d1 if c["params"]["precision"] == "fp32")
+    assert fp32["path"] == str(student) and fp32["measurements"]["quality"]["value"] == expected
+    assert sorted(p.name for p in student.iterdir()) == files_before  # the user's folder is only read
+    assert summary["students"] == {"1": str(student)}
+    report = (out / "report.md").read_text()
+    assert f"depth 1 `{student}`" in report and f"--student {student}" in report
+    # The same folder resumed with other students would mix their cached numbers: refused.
+    with pytest.raises(SlimformerError, match="holds a search with other students"):
+        run_search(str(teacher), task, SearchConfig(space=STUDENT_SPACE, fresh_process_measurement=False), out,
+                   progress=False)
+
+
+def test_bad_given_students(setup):
+    from slimformer.testing import minilm_tokenizer
+
+    root, teacher, data = setup
+    task = load_task_data(data)
+    slim = models.load(teacher)
+    bad = root / "bad-students"
+
+    def search_with(*students: Path, match: str) -> None:
+        cfg = SearchConfig(space=STUDENT_SPACE, fresh_process_measurement=False, students=[str(s) for s in students])
+        with pytest.raises(SlimformerError, match=match) as e:
+            run_search(str(teacher), task, cfg, bad / "out", progress=False)
+        assert "\n" not in str(e.value)
+
+    search_with(bad / "missing", match="does not exist")
+    search_with(teacher, match="has 2 layers, the teacher 2; give a student with fewer layers")
+    a, b = _student(slim, [0], bad / "a"), _student(slim, [1], bad / "b")
+    search_with(a, b, match="both have depth 1; give one student per depth")
+    # The CLI passes every --student on.
+    from typer.testing import CliRunner
+
+    from slimformer.cli import app
+
+    r = CliRunner().invoke(app, ["search", "--model", str(teacher), "--data", str(data), "--out", str(bad / "out"),
+                                 "--student", str(a), "--student", str(b)])
+    assert isinstance(r.exception, SlimformerError) and "both have depth 1" in str(r.exception)
+    other_labels = tiny_bert(label_names=["neg", "pos"], num_hidden_layers=2)
+    search_with(_student(other_labels, [0], bad / "labels"), match=r"predicts labels \['neg', 'pos'\]")
+    other_vocab = _student(slim, [0], bad / "vocab-src")
+    student = models.load(other_vocab)
+    student.tokenizer = minilm_tokenizer()
+    student.tokenizer.add_tokens(["zzqxword"])
+    search_with(models.save(student, bad / "vocab"), match="another tokenizer vocabulary than the teacher")
+    assert not (bad / "out" / "search.json").exists()  # every check runs before any work
