@@ -175,3 +175,19 @@ def test_bad_transfer_text(tmp_path):
 
         distill(tiny_gpt2(), tiny_lm_task(), DistillConfig(num_layers=1, augment=1, **FAST), tmp_path / "s2",
                 progress=False)
+
+
+def test_distilling_leaves_the_teacher_reusable(tmp_path):
+    # The search distils several students (and recovers pruned ones) from one loaded teacher: a KD run
+    # must not freeze it, or every later student copied from it has nothing to train.
+    task = tiny_sst2_task(n_train=16)
+    teacher = tiny_bert(num_hidden_layers=2)
+    distill(teacher, task, DistillConfig(num_layers=1, epochs=1, **FAST), tmp_path / "a", progress=False)
+    assert all(p.requires_grad for p in teacher.model.parameters())
+    for p in teacher.model.parameters():
+        p.requires_grad_(False)  # even a frozen teacher gives a trainable student
+    student = make_student(teacher, [1])
+    assert all(p.requires_grad for p in student.model.parameters())
+    _, summary = distill(teacher, task, DistillConfig(epochs=1, **FAST), tmp_path / "b", student=student,
+                         progress=False)
+    assert summary["steps"] > 0

@@ -68,6 +68,8 @@ def make_student(teacher: SlimModel, layers: list[int]) -> SlimModel:
     if bad:
         raise SlimformerError(f"layers {bad} do not exist in the {n_total}-layer teacher; use indices 0..{n_total - 1}")
     model = copy.deepcopy(teacher.model)
+    for p in model.parameters():  # a student learns, whatever the teacher's parameters were set to
+        p.requires_grad_(True)
     base = adapter.base(model)
     parent_path, _, attr = adapter.layers.rpartition(".")
     parent = base.get_submodule(parent_path) if parent_path else base
@@ -117,9 +119,9 @@ class KDTrainer(Trainer):
     def __init__(self, *args, teacher: torch.nn.Module, kd: DistillConfig, task_type: TaskType,
                  layer_map: list[int], **kwargs):
         super().__init__(*args, **kwargs)
+        # The teacher runs under no_grad; its parameters' requires_grad is left alone, because the caller's
+        # model is shared (the search copies later students from the same teacher, which must stay trainable).
         self.teacher = teacher.eval()
-        for p in self.teacher.parameters():
-            p.requires_grad_(False)
         self.kd = kd
         self.task_type = task_type
         self.layer_map = layer_map  # student layer i imitates teacher layer layer_map[i]
