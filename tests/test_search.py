@@ -186,3 +186,21 @@ def test_bad_given_students(setup):
     student.tokenizer.add_tokens(["zzqxword"])
     search_with(models.save(student, bad / "vocab"), match="another tokenizer vocabulary than the teacher")
     assert not (bad / "out" / "search.json").exists()  # every check runs before any work
+
+
+def test_a_drop_of_exactly_the_budget_is_within_it():
+    from slimformer.pareto import parse_budget, within_budget
+    from slimformer.search import make_candidate
+    from slimformer.tasks import TaskType
+
+    card = {"latency_ms_p50": 5.0, "latency_ms_p95": 6.0, "runs": 30, "throughput_batch_per_s": 10.0,
+            "size_bytes": 1_000_000, "peak_rss_mb": 100.0}
+    baseline = {"quality": {"value": 0.952}, "cost": {**card, "latency_ms_p50": 50.0, "size_bytes": 90_000_000}}
+    # 100 * (0.952 - 0.942) is 1.0000000000000009 in floating point.
+    edge = make_candidate("edge", {}, Path("x"), {"value": 0.942, "n": 2000}, card, baseline,
+                          TaskType.SEQUENCE_CLASSIFICATION)
+    assert edge.value("accuracy_drop") == 1.0
+    assert within_budget(edge, parse_budget("accuracy_drop<=1.0"))
+    over = make_candidate("over", {}, Path("x"), {"value": 0.9415, "n": 2000}, card, baseline,
+                          TaskType.SEQUENCE_CLASSIFICATION)
+    assert not within_budget(over, parse_budget("accuracy_drop<=1.0"))
