@@ -119,7 +119,7 @@ def pareto_plot(summary: dict[str, Any], path: Path) -> Path:
     front = [c for c in cands if c.name in summary["front"]]
     fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
     colors = {"fp32": "#1f77b4", "bf16": "#9467bd", "torch-dynamic-int8": "#8c564b", "ort-fp32": "#17becf",
-              "ort-dynamic-int8": "#ff7f0e", "ort-static-int8": "#d62728"}
+              "ort-dynamic-int8": "#ff7f0e", "ort-static-int8": "#d62728", "ort-dynamic-int8-emb4": "#bcbd22"}
     for prec, color in colors.items():
         pts = [c for c in cands if c.params.get("precision") == prec]
         if pts:

@@ -37,7 +37,7 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from slimformer import models
@@ -80,6 +80,7 @@ class CalibrationMethod(StrEnum):
 class EmbeddingPrecision(StrEnum):
     AUTO = "auto"  # int8 with the integer schemes, unchanged with bf16
     INT8 = "int8"
+    INT4 = "int4"  # ort-* only: the token table in 4-bit blocks (GatherBlockQuantized), other tables int8
     KEEP = "keep"
 
 
@@ -108,7 +109,8 @@ class QuantizeConfig(BaseModel):
     scheme: Scheme = Field(description="quantization scheme: " + ", ".join(s.value for s in Scheme))
     embeddings: EmbeddingPrecision = Field(EmbeddingPrecision.AUTO,
                                            description="input embedding table: auto (int8 with integer schemes), "
-                                                       "int8 or keep")
+                                                       "int8, int4 (ort-* schemes: the token table in 4-bit "
+                                                       "blocks of 32) or keep")
     group_size: int = Field(32, ge=8, le=1024, description="torch-int4-weight-only: input features sharing one "
                                                            "scale and offset (must divide the layer width)")
     per_channel: bool = Field(True, description="ort-*: one weight scale per output channel (else per tensor)")
@@ -142,10 +144,18 @@ class QuantizeConfig(BaseModel):
         """The scheme that produces the saved model (QAT ends in its target scheme)."""
         return Scheme(self.qat_target.value) if self.scheme == Scheme.QAT_INT8 else self.scheme
 
+    @model_validator(mode="after")
+    def _int4_embeddings_need_ort(self) -> QuantizeConfig:
+        if self.embeddings == EmbeddingPrecision.INT4 and self.target not in ORT_SCHEMES:
+            raise ValueError(f"embeddings int4 needs an ort-* scheme (ONNX Runtime's GatherBlockQuantized); "
+                             f"use embeddings int8 with {self.target.value}")
+        return self
+
     def int8_embeddings(self) -> bool:
+        """Quantize the embedding tables (int8; with ``int4`` the token table then goes to 4 bits)."""
         if self.embeddings == EmbeddingPrecision.AUTO:
             return self.target not in (Scheme.BF16,)
-        return self.embeddings == EmbeddingPrecision.INT8
+        return self.embeddings in (EmbeddingPrecision.INT8, EmbeddingPrecision.INT4)
 
 
 # ---- PyTorch schemes ---------------------------------------------------------------------------------
@@ -499,6 +509,40 @@ def _weight_nodes(model_proto, embeddings: bool) -> tuple[list[str], dict[str, i
     return nodes, counts
 
 
+INT4_EMBEDDING_BLOCK = 32
+
+
+def _token_gather(model_proto, nodes: list[str]) -> str | None:
+    """The Gather reading the token embedding table: the largest table among the Gathers to quantize."""
+    inits = {t.name: t for t in model_proto.graph.initializer}
+    tables = {n.name: inits[n.input[0]] for n in model_proto.graph.node
+              if n.op_type == "Gather" and n.name in nodes and n.input[0] in inits}
+    if not tables:
+        return None
+    name = max(tables, key=lambda k: tables[k].dims[0] * tables[k].dims[1])
+    if tables[name].dims[1] % INT4_EMBEDDING_BLOCK:
+        raise SlimformerError(f"embeddings int4 needs a hidden size divisible by {INT4_EMBEDDING_BLOCK} "
+                              f"(got {tables[name].dims[1]}); use embeddings int8")
+    return name
+
+
+def _int4_gather(path: Path, node: str) -> None:
+    """Rewrite one Gather of the graph at ``path`` as ORT's GatherBlockQuantized: its table in 4-bit blocks
+    along the hidden axis, each block with a float scale and a 4-bit zero point (asymmetric)."""
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+
+    model = onnx.load(str(path))
+    others = [n.name for n in model.graph.node if n.name != node]
+    cfg = DefaultWeightOnlyQuantConfig(block_size=INT4_EMBEDDING_BLOCK, is_symmetric=False, bits=4,
+                                       op_types_to_quantize=("Gather",), quant_axes=(("Gather", 1),))
+    quantizer = MatMulNBitsQuantizer(model, nodes_to_exclude=others, algo_config=cfg)
+    quantizer.process()
+    if not any(n.op_type == "GatherBlockQuantized" for n in quantizer.model.model.graph.node):
+        raise SlimformerError(f"ONNX Runtime did not quantize the embedding Gather {node}; use embeddings int8")
+    quantizer.model.save_model_to_file(str(path), use_external_data_format=False)
+
+
 def _node_modules(model_proto, wrapper_prefix: str = "model.") -> dict[str, str]:
     """ONNX node name -> the PyTorch module it came from (the torch.export exporter records name scopes)."""
     import ast
@@ -598,6 +642,10 @@ def quantize_onnx(slim: models.SlimModel, task: TaskData | None, config: Quantiz
             pre = src
             info["notes"].append(f"pre-processing skipped ({type(e).__name__})")
         nodes, counts = _weight_nodes(onnx.load(str(pre)), embeddings)
+        token_gather = _token_gather(onnx.load(str(pre)), nodes) if config.embeddings == EmbeddingPrecision.INT4 \
+            else None
+        if token_gather:
+            nodes = [n for n in nodes if n != token_gather]  # 4-bit below, not int8
         if not counts["MatMul"]:
             raise SlimformerError("the exported graph has no weight MatMul to quantize; pick a PyTorch scheme")
         out = folder / "model.onnx"
@@ -637,9 +685,14 @@ def quantize_onnx(slim: models.SlimModel, task: TaskData | None, config: Quantiz
                                  weight_type=QuantType.QInt8, extra_options={"MatMulConstBOnly": True})
                 if not static:
                     info["activations"] = "uint8 per tensor, range taken per batch at run time"
+            if token_gather:
+                _int4_gather(out, token_gather)
         info["quantize_seconds"] = time.time() - t0
     info["quantized_nodes"] = {**counts, "static": len(static_nodes), "dynamic": len(dynamic_nodes)}
     info["embeddings"] = "int8 (Gather)" if embeddings and counts["Gather"] else "float32"
+    if token_gather:
+        info["embeddings"] = (f"token table uint4, blocks of {INT4_EMBEDDING_BLOCK} with a scale and zero point "
+                              f"each (GatherBlockQuantized); other tables int8")
     info["per_channel"] = config.per_channel
     batches = _check_batches(slim.tokenizer, names)
     info["max_abs_diff_vs_float"] = check_onnx(_LogitsOnly(slim.model.eval(), names), out, batches)
