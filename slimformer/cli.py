@@ -459,7 +459,8 @@ def quantize(
     data: Annotated[str | None, typer.Option("--data", "-d", help="task data: calibration / QAT training (train "
                                                                   "split) and scoring (eval split)")] = None,
     task: TaskOpt = None,
-    embeddings: Annotated[str, typer.Option(help="input embedding table: auto | int8 | keep")] = "auto",
+    embeddings: Annotated[str, typer.Option(help="input embedding table: auto | int8 | int4 (ort-* schemes: the "
+                                                 "token table in 4-bit blocks) | keep")] = "auto",
     group_size: Annotated[int, typer.Option(help="int4: input features per scale group")] = 32,
     per_channel: Annotated[bool, typer.Option("--per-channel/--per-tensor", help="ort-*: weight scales")] = True,
     calibration: Annotated[str, typer.Option(help="ort-static-int8: minmax | percentile | entropy")] = "percentile",
