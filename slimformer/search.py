@@ -33,6 +33,7 @@ import os
 import re
 import shutil
 import time
+from collections.abc import Sequence
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, Literal
@@ -471,15 +472,18 @@ def reference_params(n_layers: int) -> list[dict[str, Any]]:
     return [{**base, "precision": Precision.FP32.value}, {**base, "precision": Precision.ORT_INT8.value}]
 
 
-def seed_params(space: SearchSpace, n_layers: int) -> list[dict[str, Any]]:
-    """A few promising points tried early (small students, pruned, int8), then the sampler explores."""
+def seed_params(space: SearchSpace, n_layers: int, student_depths: Sequence[int] = ()) -> list[dict[str, Any]]:
+    """A few promising points tried early, then the sampler explores: the most pruned point in each ONNX
+    Runtime integer precision, at the depth of each given student (the user made them to be tried) or else
+    at the middle searched depth."""
     depths = space.resolved_depths(n_layers)
-    mid = depths[len(depths) // 2]
+    seed_depths = sorted(set(student_depths)) or [depths[len(depths) // 2]]
     out = []
-    for prec in (Precision.ORT_STATIC_INT8, Precision.ORT_INT8, Precision.ORT_INT8_EMB4):
-        if prec in space.precisions:
-            out.append({"depth": mid, "heads": max(space.heads), "ffn": max(space.ffn),
-                        "vocab": True in space.vocab, "precision": prec.value})
+    for depth in seed_depths:
+        for prec in (Precision.ORT_STATIC_INT8, Precision.ORT_INT8, Precision.ORT_INT8_EMB4):
+            if prec in space.precisions:
+                out.append({"depth": depth, "heads": max(space.heads), "ffn": max(space.ffn),
+                            "vocab": True in space.vocab, "precision": prec.value})
     return out
 
 
@@ -567,7 +571,7 @@ def run_search(model: str, task: TaskData, config: SearchConfig, out: str | os.P
     # looks at every trial, and the lock keeps two processes from queueing them at the same moment.
     with distributed.file_lock(out / ".locks" / "enqueue.lock"):
         seeds = [{**p, "vocab": p["vocab"] and True in space_lists["vocab"]}
-                 for p in seed_params(config.space, n_layers)]
+                 for p in seed_params(config.space, n_layers, list(students))]
         for p in reference_params(n_layers) + seeds:
             study.enqueue_trial(p, skip_if_exists=True)
     _json_dump(out / "search.json", {"model": model, "data": task.source, "config": config.model_dump(mode="json"),

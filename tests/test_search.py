@@ -204,3 +204,15 @@ def test_a_drop_of_exactly_the_budget_is_within_it():
     over = make_candidate("over", {}, Path("x"), {"value": 0.9415, "n": 2000}, card, baseline,
                           TaskType.SEQUENCE_CLASSIFICATION)
     assert not within_budget(over, parse_budget("accuracy_drop<=1.0"))
+
+
+def test_seeds_sit_at_the_given_students_depths():
+    from slimformer.search import seed_params
+
+    space = SearchSpace(heads=[0.0, 0.5], ffn=[0.0, 0.75], precisions=["fp32", "ort-dynamic-int8",
+                                                                        "ort-dynamic-int8-emb4"])
+    assert {p["depth"] for p in seed_params(space, 6)} == {3}  # no students: the middle of 6, 4, 3, 2
+    seeds = seed_params(space, 6, [4, 3])
+    assert sorted((p["depth"], p["precision"]) for p in seeds) == [
+        (3, "ort-dynamic-int8"), (3, "ort-dynamic-int8-emb4"), (4, "ort-dynamic-int8"), (4, "ort-dynamic-int8-emb4")]
+    assert all(p["heads"] == 0.5 and p["ffn"] == 0.75 and p["vocab"] for p in seeds)
