@@ -136,6 +136,9 @@ def _entity_counts(gold: list[list[str]], pred: list[list[str]]) -> tuple[np.nda
     return tp, np.array([len(x) for x in p]), np.array([len(x) for x in g])
 
 
+MIN_CI_WINDOWS = 10
+
+
 def perplexity(runner: Runner, tokenizer, examples: list[dict[str, Any]], *, max_length: int = 512,
                stride: int | None = None, bootstrap: int = 1000, seed: int = 0, split: str = "eval",
                batch_size: int = 8) -> dict[str, Any]:
@@ -143,8 +146,9 @@ def perplexity(runner: Runner, tokenizer, examples: list[dict[str, Any]], *, max
     ``stride`` (default half a window); each token after the first is scored exactly once, with up to
     ``max_length - stride`` tokens of context (all before it in the first window).
 
-    ``exp(total NLL / scored tokens)``; the 95% interval resamples windows. Windows of equal length run
-    ``batch_size`` at a time (no padding, so no mask can change a score)."""
+    ``exp(total NLL / scored tokens)``; the 95% interval resamples windows, or tokens when there are fewer
+    than ``MIN_CI_WINDOWS`` windows (one window would give an interval of zero width). Windows of equal length
+    run ``batch_size`` at a time (no padding, so no mask can change a score)."""
     text = "\n\n".join(e["text"] for e in examples)
     ids = torch.tensor(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"], dtype=torch.long)
     if len(ids) < 2:
@@ -160,6 +164,7 @@ def perplexity(runner: Runner, tokenizer, examples: list[dict[str, Any]], *, max
         windows.append((max(0, end - max_length), pos, end))
         pos = end
     window_nll, window_count = [0.0] * len(windows), [0] * len(windows)
+    token_nll: list[torch.Tensor] = []
     by_length: dict[int, list[int]] = {}
     for w, (begin, _, end) in enumerate(windows):
         by_length.setdefault(end - begin, []).append(w)
@@ -176,12 +181,19 @@ def perplexity(runner: Runner, tokenizer, examples: list[dict[str, Any]], *, max
                 begin, first, _ = windows[w]
                 scored = nll[row, first - begin - 1:]
                 window_nll[w] = float(scored.sum())
+                token_nll.append(scored)
                 window_count[w] = int(scored.shape[0])
     nll_arr, cnt_arr = np.array(window_nll), np.array(window_count)
     mean_nll = float(nll_arr.sum() / cnt_arr.sum())
     ppl = math.exp(mean_nll)
-    ci = _bootstrap(lambda idx: math.exp(nll_arr[idx].sum() / max(1, cnt_arr[idx].sum())), len(nll_arr),
-                    bootstrap, seed)
+    if len(windows) >= MIN_CI_WINDOWS:
+        ci_unit = "windows"
+        ci = _bootstrap(lambda idx: math.exp(nll_arr[idx].sum() / max(1, cnt_arr[idx].sum())), len(nll_arr),
+                        bootstrap, seed)
+    else:  # tokens of one text are correlated, so this interval is, if anything, too narrow
+        ci_unit = "tokens"
+        tok_arr = torch.cat(token_nll).double().numpy()
+        ci = _bootstrap(lambda idx: math.exp(tok_arr[idx].mean()), len(tok_arr), bootstrap, seed)
     return {"metric": "perplexity", "value": ppl, "ci95": ci, "n": int(cnt_arr.sum()), "split": split,
             "scores": {"perplexity": ppl, "nll_per_token": mean_nll, "windows": len(windows),
-                       "max_length": max_length, "stride": stride}}
+                       "max_length": max_length, "stride": stride, "ci_resamples": ci_unit}}

@@ -53,6 +53,24 @@ def test_perplexity_of_uniform_model_is_vocab_size():
     assert math.isclose(r["value"], vocab, rel_tol=1e-4)
 
 
+def test_perplexity_interval_has_width_with_a_single_window():
+    tok = minilm_tokenizer()
+    vocab = len(tok)
+    gen = torch.Generator().manual_seed(0)
+
+    def noisy(batch):
+        ids = batch["input_ids"]
+        return torch.randn(ids.shape[0], ids.shape[1], vocab, generator=gen)
+
+    text = "the cat sat on the mat . " * 30
+    one = perplexity(noisy, tok, [{"text": text}], max_length=512, bootstrap=200)
+    assert one["scores"]["windows"] == 1 and one["scores"]["ci_resamples"] == "tokens"
+    low, high = one["ci95"]
+    assert low < one["value"] < high
+    many = perplexity(noisy, tok, [{"text": text * 2}], max_length=16, bootstrap=50)
+    assert many["scores"]["windows"] >= 10 and many["scores"]["ci_resamples"] == "windows"
+
+
 def test_sliding_window_scores_each_token_once():
     tok = minilm_tokenizer()
     text = "the cat sat on the mat . " * 40
