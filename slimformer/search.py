@@ -352,8 +352,29 @@ def _json_dump(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
-def prepare_teacher(model: str, task: TaskData, config: SearchConfig, out: Path, progress: bool) -> Path:
-    """The fine-tuned teacher: the given model if it already has a head for the task, else fine-tuned once."""
+def check_tuning_split(what: str, record: dict[str, Any], task: TaskData, log=None) -> None:
+    """Refuse a model trained with another tuning split than ``task``'s: the search judges candidates on the
+    tuning split, and part of it would be examples the model was trained on. A model saved before records
+    carried the split's fingerprint is let through (with a note to ``log``, if given)."""
+    recorded = (record.get("data") or {}).get("tuning_fingerprint")
+    if recorded is None:
+        if log is not None:
+            log(f"{what} records no tuning-split fingerprint (an older slimformer made it): cannot check that it "
+                "was trained with this tuning split; if not, the search's tuning scores are optimistic")
+        return
+    current = task.tuning_fingerprint()
+    if recorded != current:
+        raise SlimformerError(
+            f"{what} was trained with another tuning split (fingerprint {recorded}, this data gives {current}), so "
+            "the search would judge candidates on examples it trained on; fine-tune / distil it again with this "
+            "version of slimformer on this data and --seed"
+        )
+
+
+def prepare_teacher(model: str, task: TaskData, config: SearchConfig, out: Path, progress: bool,
+                    log=None) -> Path:
+    """The fine-tuned teacher: the given model if it already has a head for the task (and was trained with
+    this task's tuning split), else fine-tuned once."""
     from slimformer import api
 
     path, is_local = models.resolve_model_path(model)
@@ -362,6 +383,7 @@ def prepare_teacher(model: str, task: TaskData, config: SearchConfig, out: Path,
         if record["task"].get("label_names") not in (None, task.label_names):
             raise SlimformerError(f"model {model} was fine-tuned for labels {record['task']['label_names']}, the "
                                   f"data has {task.label_names}; use matching data or the base model")
+        check_tuning_split(f"model {model}", record, task, log)
         return Path(path)
     teacher = out / "teacher"
     if not (teacher / models.RECORD_FILE).exists():
@@ -376,10 +398,12 @@ def prepare_teacher(model: str, task: TaskData, config: SearchConfig, out: Path,
     return teacher
 
 
-def given_students(config: SearchConfig, teacher: models.SlimModel) -> dict[int, Path]:
+def given_students(config: SearchConfig, teacher: models.SlimModel, task: TaskData | None = None,
+                   log=None) -> dict[int, Path]:
     """The user's distilled students by depth, each loaded once and checked against the teacher before any
-    work: a student the search cannot use (another task, labels or tokenizer, no smaller than the teacher)
-    would otherwise fail trial after trial, or be scored against a teacher whose outputs it never learnt."""
+    work: a student the search cannot use (another task, labels or tokenizer, no smaller than the teacher,
+    trained with another tuning split than ``task``'s) would otherwise fail trial after trial, be scored
+    against a teacher whose outputs it never learnt, or be judged on examples it trained on."""
     from slimformer.arch import adapter_for
     from slimformer.stages.distill import check_same_tokenizer
 
@@ -399,6 +423,8 @@ def given_students(config: SearchConfig, teacher: models.SlimModel) -> dict[int,
         if record.get("quantization") or record.get("vocab_map"):
             raise SlimformerError(f"student {given} is quantized or has a pruned vocabulary; give it as distilled: "
                                   "the search prunes and quantizes it itself")
+        if task is not None:
+            check_tuning_split(f"student {given}", record, task, log)
         try:
             slim = models.load(path, teacher.task_type)
         except SlimformerError as e:
@@ -543,10 +569,10 @@ def run_search(model: str, task: TaskData, config: SearchConfig, out: str | os.P
     t_start = time.time()
     threads = config.threads or torch.get_num_threads()
     torch.set_num_threads(threads)
-    teacher_path = prepare_teacher(model, task, config, out, progress)
+    teacher_path = prepare_teacher(model, task, config, out, progress, log=log)
     builder = Builder(out, teacher_path, task, config, progress)
     n_layers = builder.teacher.config.num_hidden_layers
-    students = given_students(config, builder.teacher)
+    students = given_students(config, builder.teacher, task, log=log)
     _check_same_students(out, students)
     builder.students = students
     space_lists = {

@@ -10,11 +10,20 @@ Three task types sit behind one small interface (:class:`TaskData`):
 Splits: ``train``; ``tuning``, carved from train with a fixed seed (later used by search and for
 best-checkpoint selection, never for the final claim); ``eval``, the held-out file (``test`` if present,
 else ``dev``/``valid``). The models never see the file format, only token ids.
+
+Documents stay whole when the tuning split is carved: a CoNLL file's ``-DOCSTART-`` lines mark
+documents (each sentence keeps its document number under ``"doc"``), and the tuning split takes whole
+documents, so its sentences come from other articles than the training sentences (sentences of the same
+article share entity names, which made a sentence-level tuning split optimistic). Data without documents
+(tables, CoNLL files without markers) is carved sentence by sentence as before. The tuning split's
+fingerprint (:meth:`TaskData.tuning_fingerprint`) goes into every saved model's record, so the search can
+refuse a model that was trained with another tuning split.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import random
 from collections.abc import Sequence
@@ -66,6 +75,12 @@ class TaskData:
             raise SlimformerError(f"unknown split '{name}'; use one of train, tuning, eval")
         return getattr(self, name)
 
+    def tuning_fingerprint(self) -> str:
+        """A short sha1 of the tuning split as carved (before ``max_eval_examples`` keeps a prefix of it, so
+        a shorter tuning run gets the same fingerprint): same data, seed and carving, same fingerprint."""
+        carved = self.extra.get("tuning_fingerprint")
+        return carved if carved is not None else examples_fingerprint(self.tuning)
+
     def describe(self) -> dict[str, Any]:
         return {
             "type": str(self.type),
@@ -73,7 +88,16 @@ class TaskData:
             "eval_source": self.eval_source,
             "label_names": self.label_names,
             "sizes": {"train": len(self.train), "tuning": len(self.tuning), "eval": len(self.eval)},
+            "tuning_fingerprint": self.tuning_fingerprint(),
         }
+
+
+def examples_fingerprint(examples: list[dict[str, Any]]) -> str:
+    """sha1 (12 hex digits) of the canonical JSON of ``examples``; the document numbers are left out, so
+    only what a model sees (text, tokens, labels) and the order count."""
+    canon = [{k: v for k, v in e.items() if k != "doc"} for e in examples]
+    text = json.dumps(canon, sort_keys=True, ensure_ascii=False, separators=(",", ":"), default=str)
+    return hashlib.sha1(text.encode("utf-8")).hexdigest()[:12]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -194,7 +218,9 @@ def read_classification_file(path: Path, text_column: str | None, label_column: 
 
 def read_conll_file(path: Path) -> list[dict[str, Any]]:
     """Read a CoNLL column file: token in the first column, IOB2 tag in the last; blank lines split
-    sentences; ``-DOCSTART-`` lines are skipped. Every token line must have as many fields as the first."""
+    sentences. Every token line must have as many fields as the first. Each sentence records its document
+    under ``"doc"``: a counter that moves on at every ``-DOCSTART-`` line (sentences before the first marker
+    are document 0); in a file without markers every sentence is its own document."""
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError:
@@ -203,14 +229,16 @@ def read_conll_file(path: Path) -> list[dict[str, Any]]:
     tokens: list[str] = []
     tags: list[str] = []
     n_fields = None
+    doc = sent_doc = 0
     for lineno, line in enumerate(lines, start=1):
         if not line.strip():
             if tokens:
-                sentences.append({"tokens": tokens, "tags": tags})
+                sentences.append({"tokens": tokens, "tags": tags, "doc": sent_doc})
                 tokens, tags = [], []
             continue
         parts = line.split()
         if parts[0] == "-DOCSTART-":
+            doc += 1
             continue
         if n_fields is None:
             n_fields = len(parts)
@@ -223,12 +251,17 @@ def read_conll_file(path: Path) -> list[dict[str, Any]]:
                 f"{path}:{lineno} has {len(parts)} fields but earlier lines have {n_fields}; "
                 "fix the line (token first, tag last, separated by spaces)"
             )
+        if not tokens:
+            sent_doc = doc  # a sentence belongs to the document it starts in
         tokens.append(parts[0])
         tags.append(parts[-1])
     if tokens:
-        sentences.append({"tokens": tokens, "tags": tags})
+        sentences.append({"tokens": tokens, "tags": tags, "doc": sent_doc})
     if not sentences:
         raise SlimformerError(f"data file {path} has no sentences; give a CoNLL file with token and tag columns")
+    if doc == 0:  # no markers: every sentence is its own document
+        for i, s in enumerate(sentences):
+            s["doc"] = i
     for s in sentences:
         for t in s["tags"]:
             if t != "O" and not (t[:2] in ("B-", "I-") and len(t) > 2):
@@ -297,12 +330,31 @@ def infer_task_type(files: dict[str, Path]) -> TaskType:
 
 def _carve(examples: list[dict[str, Any]], fraction: float, max_size: int, seed: int
            ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Split off a tuning set from train with a fixed seed (same seed, same split, every run)."""
+    """Split off a tuning set from train with a fixed seed (same seed, same split, every run); both keep
+    the examples' order.
+
+    Examples with a ``"doc"`` are carved by whole documents: the documents are shuffled with the seed and
+    taken until the tuning set has at least its size (``fraction`` of the examples, at most ``max_size``),
+    always leaving one document to train. With no documents, one document only, or every example its own
+    document, it is carved example by example (the split made before documents were kept whole)."""
     n = len(examples)
     n_tune = min(max_size, max(1, int(round(n * fraction)))) if n > 1 else 0
-    order = list(range(n))
-    random.Random(seed).shuffle(order)
-    tune_idx = set(order[:n_tune])
+    docs: dict[Any, list[int]] = {}
+    if n and all("doc" in e for e in examples):
+        for i, e in enumerate(examples):
+            docs.setdefault(e["doc"], []).append(i)
+    if 1 < len(docs) < n:
+        groups = list(docs.values())
+        random.Random(seed).shuffle(groups)
+        tune_idx: set[int] = set()
+        for g in groups[:-1]:
+            if len(tune_idx) >= n_tune:
+                break
+            tune_idx.update(g)
+    else:
+        order = list(range(n))
+        random.Random(seed).shuffle(order)
+        tune_idx = set(order[:n_tune])
     train = [e for i, e in enumerate(examples) if i not in tune_idx]
     tune = [e for i, e in enumerate(examples) if i in tune_idx]
     return train, tune
@@ -408,6 +460,7 @@ def load_task_data(
         else:
             train, eval_examples = _carve(train, tuning_fraction, max_tuning, seed + 1)
 
+    carved = examples_fingerprint(tuning)  # before max_eval_examples keeps a prefix of the tuning split
     if max_train_examples is not None and task != TaskType.CAUSAL_LM:
         train = train[:max_train_examples]
     if max_eval_examples is not None and task != TaskType.CAUSAL_LM:
@@ -416,6 +469,7 @@ def load_task_data(
     return TaskData(
         type=task, train=train, tuning=tuning, eval=eval_examples, label_names=label_names,
         source=str(files["train"]), eval_source=str(files[eval_key]) if eval_key else "carved from train",
+        extra={"tuning_fingerprint": carved},
     )
 
 

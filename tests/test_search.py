@@ -216,3 +216,39 @@ def test_seeds_sit_at_the_given_students_depths():
     assert sorted((p["depth"], p["precision"]) for p in seeds) == [
         (3, "ort-dynamic-int8"), (3, "ort-dynamic-int8-emb4"), (4, "ort-dynamic-int8"), (4, "ort-dynamic-int8-emb4")]
     assert all(p["heads"] == 0.5 and p["ffn"] == 0.75 and p["vocab"] for p in seeds)
+
+
+def test_model_trained_with_another_tuning_split_is_refused(setup):
+    from slimformer.search import given_students, prepare_teacher
+
+    root, teacher, data = setup
+    task = load_task_data(data)
+    here = root / "fingerprints"
+    notes: list[str] = []
+    # A model from before the fingerprint (no data.tuning_fingerprint): let through, with a note.
+    assert "tuning_fingerprint" not in (models.read_record(teacher).get("data") or {})
+    assert prepare_teacher(str(teacher), task, SearchConfig(), here / "a", False, log=notes.append) == teacher
+    assert len(notes) == 1 and "no tuning-split fingerprint" in notes[0]
+    assert prepare_teacher(str(teacher), task, SearchConfig(), here / "a", False) == teacher  # no log: silent
+    # Trained with this tuning split: used as it is, nothing to say.
+    same = models.save(models.load(teacher), here / "same")
+    models.update_record(same, data={"tuning_fingerprint": task.tuning_fingerprint()})
+    notes.clear()
+    assert prepare_teacher(str(same), task, SearchConfig(), here / "b", False, log=notes.append) == same
+    assert not notes
+    # Trained with another tuning split (another seed here): refused before any work, as teacher or student.
+    other = load_task_data(data, seed=1)
+    assert other.tuning_fingerprint() != task.tuning_fingerprint()
+    stale = models.save(models.load(teacher), here / "stale")
+    models.update_record(stale, data={"tuning_fingerprint": other.tuning_fingerprint()})
+    with pytest.raises(SlimformerError, match="was trained with another tuning split") as e:
+        run_search(str(stale), task, SearchConfig(space=STUDENT_SPACE, fresh_process_measurement=False),
+                   here / "out", progress=False)
+    assert "\n" not in str(e.value) and "fine-tune / distil it again" in str(e.value)
+    student = _student(models.load(teacher), [0], here / "student")
+    models.update_record(student, data={"tuning_fingerprint": other.tuning_fingerprint()})
+    cfg = SearchConfig(space=STUDENT_SPACE, fresh_process_measurement=False, students=[str(student)])
+    with pytest.raises(SlimformerError, match=f"student {student} was trained with another tuning split"):
+        run_search(str(same), task, cfg, here / "out", progress=False)
+    assert not (here / "out" / "search.json").exists()
+    assert given_students(cfg, models.load(same)) == {1: student}  # without a task there is nothing to compare

@@ -119,3 +119,118 @@ def test_shared_sst2_and_conll_counts(shared_data):
     conll = load_task_data(Path(shared_data) / "conll2003")
     assert len(conll.train) + len(conll.tuning) == 14041 and len(conll.eval) == 3453
     assert conll.label_names == ["O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC", "B-MISC", "I-MISC"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Carving the tuning split: documents stay whole
+# --------------------------------------------------------------------------------------------------
+
+DOC_SIZES = (3, 5, 2, 6, 4)  # sentences per document; 20 in all
+
+
+def _conll_text(sizes, markers: bool = True) -> str:
+    """A CoNLL file whose sentence i of document d reads "Doc<d> says <i> ." (tags O B-PER O O)."""
+    parts = []
+    for d, size in enumerate(sizes):
+        if markers:
+            parts.append("-DOCSTART- -X- -X- O\n")
+        for i in range(size):
+            parts.append(f"Doc{d} NNP B-NP B-PER\nsays VBZ B-VP O\n{i} CD B-NP O\n. . O O\n")
+    return "\n".join(parts) + "\n"
+
+
+def _old_carve(examples, fraction, max_size, seed):
+    """The sentence-by-sentence carving as it was before documents were kept whole."""
+    import random
+
+    n = len(examples)
+    n_tune = min(max_size, max(1, int(round(n * fraction)))) if n > 1 else 0
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    tune_idx = set(order[:n_tune])
+    train = [e for i, e in enumerate(examples) if i not in tune_idx]
+    return train, [e for i, e in enumerate(examples) if i in tune_idx]
+
+
+def _doc_of(e) -> str:
+    return e["tokens"][0]
+
+
+def test_reader_numbers_documents(tmp_path):
+    from slimformer.tasks import read_conll_file
+
+    sents = read_conll_file(_write(tmp_path / "a.txt", "EU NNP B-NP B-ORG\n\n" + _conll_text((2, 1))))
+    assert [s["doc"] for s in sents] == [0, 1, 1, 2]  # before the first marker: document 0
+    plain = read_conll_file(_write(tmp_path / "b.txt", _conll_text((2, 1), markers=False)))
+    assert [s["doc"] for s in plain] == [0, 1, 2]  # no markers: every sentence its own document
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_tuning_split_keeps_documents_whole(tmp_path, seed):
+    _write(tmp_path / "d" / "train.txt", _conll_text(DOC_SIZES))
+    _write(tmp_path / "d" / "test.txt", _conll_text((2,)))
+    td = load_task_data(tmp_path / "d", tuning_fraction=0.2, seed=seed)  # 4 sentences wanted
+    train_docs, tune_docs = {_doc_of(e) for e in td.train}, {_doc_of(e) for e in td.tuning}
+    assert not train_docs & tune_docs  # no document is split between train and tuning
+    assert len(train_docs | tune_docs) == len(DOC_SIZES) and len(td.train) + len(td.tuning) == sum(DOC_SIZES)
+    assert len(td.tuning) >= 4 and td.train  # documents taken until the size is reached, never all of them
+    assert len(td.tuning) < 4 + max(DOC_SIZES)  # it stops once the size is reached: over by less than a document
+    again = load_task_data(tmp_path / "d", tuning_fraction=0.2, seed=seed)
+    assert again.tuning == td.tuning and again.train == td.train  # same seed, same split
+
+
+def test_seed_moves_the_document_split(tmp_path):
+    _write(tmp_path / "d" / "train.txt", _conll_text(DOC_SIZES))
+    splits = {tuple(sorted({_doc_of(e) for e in load_task_data(tmp_path / "d", tuning_fraction=0.2,
+                                                                 seed=s).tuning})) for s in range(6)}
+    assert len(splits) > 1
+
+
+@pytest.mark.parametrize("text", [_conll_text(DOC_SIZES, markers=False),
+                                  "-DOCSTART- -X- -X- O\n\n" + _conll_text(DOC_SIZES, markers=False)])
+def test_without_documents_the_split_is_the_old_one(tmp_path, text):
+    from slimformer.tasks import read_conll_file
+
+    path = _write(tmp_path / "d" / "train.txt", text)  # no markers, or one marker: one document
+    _write(tmp_path / "d" / "test.txt", _conll_text((2,)))
+    for seed in range(4):
+        td = load_task_data(tmp_path / "d", tuning_fraction=0.2, seed=seed)
+        train, tuning = _old_carve(read_conll_file(path), 0.2, 2000, seed)
+        assert td.tuning == tuning and td.train == train  # the same examples in the same order
+
+
+def test_table_split_is_the_old_one(tmp_path):
+    from slimformer.tasks import read_classification_file
+
+    rows = "\n".join(f"sentence number {i}\t{i % 2}" for i in range(300))
+    path = _write(tmp_path / "t" / "train.tsv", "sentence\tlabel\n" + rows + "\n")
+    _write(tmp_path / "t" / "dev.tsv", "sentence\tlabel\nok\t1\nno\t0\n")
+    examples, _ = read_classification_file(path, None, None)
+    for seed in range(3):
+        td = load_task_data(tmp_path / "t", seed=seed, max_tuning=10)
+        train, tuning = _old_carve(examples, 0.05, 10, seed)
+        assert td.tuning == tuning and td.train == train
+
+
+def test_tuning_fingerprint_follows_the_tuning_split(tmp_path):
+    _write(tmp_path / "d" / "train.txt", _conll_text(DOC_SIZES))
+    _write(tmp_path / "d" / "test.txt", _conll_text((2,)))
+    by_seed = {s: load_task_data(tmp_path / "d", tuning_fraction=0.2, seed=s) for s in range(6)}
+    a = by_seed[0]
+    fp = a.tuning_fingerprint()
+    assert len(fp) == 12 and int(fp, 16) >= 0
+    assert a.describe()["tuning_fingerprint"] == fp
+    assert load_task_data(tmp_path / "d", tuning_fraction=0.2, seed=0).tuning_fingerprint() == fp
+    for td in by_seed.values():  # another tuning split, another fingerprint
+        assert (td.tuning_fingerprint() == fp) == (td.tuning == a.tuning)
+    assert any(td.tuning != a.tuning for td in by_seed.values())
+    # Scoring only a prefix of the tuning split (--max-eval-examples) is the same split: same fingerprint.
+    short = load_task_data(tmp_path / "d", tuning_fraction=0.2, seed=0, max_eval_examples=1)
+    assert len(short.tuning) == 1 and short.tuning_fingerprint() == fp
+    # One changed tag in a tuning sentence changes it too.
+    from slimformer.tasks import TaskData
+
+    changed = [dict(e) for e in a.tuning]
+    changed[0]["tags"] = ["O"] * len(changed[0]["tags"])
+    assert TaskData(a.type, a.train, changed, a.eval).tuning_fingerprint() != \
+        TaskData(a.type, a.train, list(a.tuning), a.eval).tuning_fingerprint() == fp
