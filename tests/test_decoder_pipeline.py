@@ -244,15 +244,21 @@ def test_search_under_a_perplexity_budget_writes_the_report(tmp_path, task, teac
 
     data = write_text_folder(tmp_path / "data")
     td = load_task_data(data)
+    # The search refuses a teacher trained with another tuning split, so this one is fine-tuned on this folder.
+    teacher = tmp_path / "gpt2-ft"
+    api.finetune(teachers["gpt2-base"], td, FinetuneConfig(epochs=6, learning_rate=1e-2, **FAST), teacher,
+                 progress=False)
+    with pytest.raises(SlimformerError, match="trained with another tuning split"):
+        run_search(str(teachers["gpt2"]), td, SearchConfig(trials=1), tmp_path / "y", progress=False)
     space = SearchSpace(depths=[2, 1], heads=[0.0, 0.5], ffn=[0.0], vocab=[False, True],
                         precisions=["fp32", "ort-dynamic-int8"], kd_epochs=1, recovery_epochs=1, kd_max_examples=16,
                         recovery_max_examples=8, kd_learning_rate=3e-3)
     cfg = SearchConfig(trials=4, threads=1, space=space, fresh_process_measurement=False, seq=32, throughput_batch=4,
                        budget="perplexity_increase<=10%")
     with pytest.raises(SlimformerError, match="is for sequence-classification"):
-        run_search(str(teachers["gpt2"]), td, cfg.model_copy(update={"budget": "accuracy_drop<=1"}), tmp_path / "x",
+        run_search(str(teacher), td, cfg.model_copy(update={"budget": "accuracy_drop<=1"}), tmp_path / "x",
                    progress=False)
-    summary = run_search(str(teachers["gpt2"]), td, cfg, tmp_path / "out", progress=False)
+    summary = run_search(str(teacher), td, cfg, tmp_path / "out", progress=False)
     cands = summary["candidates"]
     assert all(not c["params"]["vocab"] for c in cands)  # an LM's vocabulary is never pruned
     base = next(c for c in cands if c["name"] == "d2-h0-f0-v0-fp32")
