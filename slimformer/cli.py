@@ -309,6 +309,10 @@ def prune(
     recover: Annotated[str, typer.Option(help="recovery training: none | finetune | kd")] = "none",
     kd_alpha: Annotated[float, typer.Option(help="KD recovery: weight of the hard-label loss")] = 0.5,
     kd_temperature: Annotated[float, typer.Option(help="KD recovery: softmax temperature")] = 2.0,
+    kd_augment: Annotated[int, typer.Option(help="KD recovery: unlabeled augmented copies of each training text "
+                                                 "(soft targets only)")] = 0,
+    kd_cache_teacher: Annotated[bool, typer.Option("--kd-cache-teacher", help="KD recovery: compute the "
+                                                   "teacher's logits once and reuse them across epochs")] = False,
     unstructured: Annotated[float, typer.Option(help="fraction of block weights to zero by magnitude")] = 0.0,
     unstructured_scope: Annotated[str, typer.Option(help="global | per-layer")] = "global",
     epochs: Annotated[float, typer.Option(help="recovery passes over the training data per round")] = 1.0,
@@ -338,7 +342,8 @@ def prune(
     cfg = _config(PruneConfig, heads=heads, ffn=ffn, keep_layers=layers, drop_layers=dropped, vocab=vocab,
                   vocab_corpus=vocab_corpus, importance=importance, importance_examples=importance_examples,
                   scope=scope, round_to=round_to, steps=steps, recover=recover, kd_alpha=kd_alpha,
-                  kd_temperature=kd_temperature, unstructured=unstructured,
+                  kd_temperature=kd_temperature, kd_augment=kd_augment, kd_cache_teacher=kd_cache_teacher,
+                  unstructured=unstructured,
                   unstructured_scope=unstructured_scope, epochs=epochs, learning_rate=lr, batch_size=batch_size,
                   max_length=max_length, precision=precision, max_train_examples=max_train_examples, seed=seed)
     td = _task_data(data, task, text_column, label_column, labels, eval_split, seed, None, max_eval_examples)

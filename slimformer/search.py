@@ -93,6 +93,9 @@ class SearchSpace(BaseModel):
     alpha: float = Field(0.5, ge=0, le=1, description="weight of hard labels in distillation")
     recovery_epochs: float = Field(1.0, gt=0, le=20, description="KD recovery epochs after pruning")
     recovery_max_examples: int | None = Field(4000, ge=1, description="training examples for recovery")
+    recovery_augment: int = Field(0, ge=0, le=50, description="unlabeled augmented copies of each recovery "
+                                                              "example, learnt from the teacher's soft targets "
+                                                              "(classification only)")
     calibration_examples: int = Field(256, ge=1, le=100_000, description="static int8 calibration examples")
 
     def resolved_depths(self, n_layers: int) -> list[int]:
@@ -204,9 +207,12 @@ class Builder:
         slim = models.load(student_path)
         sp = self.config.space
         structural = bool(heads or ffn)
+        classify = self.task.type != TaskType.CAUSAL_LM  # augmentation and cached logits are for classifiers
         cfg = PruneConfig(heads=heads, ffn=ffn, vocab=vocab, importance="taylor", round_to=8,
                           recover="kd" if structural else "none", epochs=sp.recovery_epochs,
                           learning_rate=sp.kd_learning_rate, max_train_examples=sp.recovery_max_examples,
+                          kd_augment=sp.recovery_augment if classify else 0,
+                          kd_cache_teacher=structural and classify and sp.recovery_epochs > 1,
                           seed=self.config.seed)
         # Recovery learns from the fine-tuned teacher, the best model we have.
         prune(slim, self.task, cfg, work_dir_for(path), teacher=self.teacher.model if structural else None,

@@ -134,6 +134,17 @@ def test_kd_recovery(tmp_path):
                     tmp_path / "w", progress=False)
     assert summary["rounds"][0]["recovery"]["layer_map"] == [1]  # the kept layer is the teacher's second
     assert summary["plan"]["heads"] == "2/8"
+    assert summary["rounds"][0]["recovery"]["transfer_examples"] == 0
+
+
+def test_kd_recovery_learns_from_augmented_copies_too(tmp_path):
+    slim, task = tiny_bert(), tiny_sst2_task(16, 8)
+    summary = prune(slim, task, PruneConfig(heads=0.5, recover="kd", epochs=2, kd_augment=2, kd_cache_teacher=True,
+                                            **FAST), tmp_path / "w", progress=False)
+    recovery = summary["rounds"][0]["recovery"]
+    assert len(task.train) < recovery["transfer_examples"] <= 2 * len(task.train)
+    with pytest.raises(ValidationError):
+        PruneConfig(kd_augment=-1)
 
 
 def test_prune_job_saves_a_model_that_reloads_identically(tmp_path):

@@ -252,3 +252,21 @@ def test_model_trained_with_another_tuning_split_is_refused(setup):
         run_search(str(same), task, cfg, here / "out", progress=False)
     assert not (here / "out" / "search.json").exists()
     assert given_students(cfg, models.load(same)) == {1: student}  # without a task there is nothing to compare
+
+
+def test_recovery_settings_reach_the_pruning_of_a_candidate(setup, monkeypatch):
+    import slimformer.stages.prune as prune_stage
+    from slimformer.search import Builder
+
+    root, teacher, data = setup
+    task = load_task_data(data)
+    seen = []
+    monkeypatch.setattr(prune_stage, "prune", lambda slim, task, cfg, work, **kw: seen.append(cfg))
+    space = SPACE.model_copy(update={"recovery_augment": 2, "recovery_epochs": 3, "recovery_max_examples": 40})
+    builder = Builder(root / "recovery-knobs", teacher, task, SearchConfig(space=space), progress=False)
+    builder.pruned(2, 0.5, 0.0, False)
+    builder.pruned(2, 0.0, 0.0, True)  # vocabulary only: nothing to recover
+    structural, vocab_only = seen
+    assert (structural.kd_augment, structural.epochs, structural.max_train_examples) == (2, 3, 40)
+    assert structural.recover == "kd" and structural.kd_cache_teacher
+    assert vocab_only.recover == "none" and not vocab_only.kd_cache_teacher

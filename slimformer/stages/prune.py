@@ -100,6 +100,10 @@ class PruneConfig(TrainConfig):
     kd_alpha: float = Field(0.5, ge=0, le=1, description="KD recovery: weight of the hard-label loss "
                                                           "(the rest goes to the teacher's soft targets)")
     kd_temperature: float = Field(2.0, gt=0, le=100, description="KD recovery: softmax temperature")
+    kd_augment: int = Field(0, ge=0, le=50, description="KD recovery: unlabeled augmented copies of each training "
+                                                        "text, learnt from the teacher's soft targets only")
+    kd_cache_teacher: bool = Field(False, description="KD recovery: compute the teacher's logits once per round "
+                                                      "and reuse them across epochs")
 
     @model_validator(mode="after")
     def _layers(self) -> PruneConfig:
@@ -191,7 +195,7 @@ def _recover(slim: SlimModel, task: TaskData, config: PruneConfig, work_dir: str
         from pydantic import ValidationError
 
         wanted = {**train_cfg.model_dump(), "alpha": config.kd_alpha, "temperature": config.kd_temperature,
-                  "layers": layer_map}
+                  "augment": config.kd_augment, "cache_teacher": config.kd_cache_teacher, "layers": layer_map}
         try:
             dcfg = DistillConfig(**{k: v for k, v in wanted.items() if k in DistillConfig.model_fields})
         except ValidationError as e:
