@@ -92,8 +92,8 @@ class SearchSpace(BaseModel):
     temperature: float = Field(2.0, gt=0, le=100, description="distillation temperature")
     alpha: float = Field(0.5, ge=0, le=1, description="weight of hard labels in distillation")
     recovery_epochs: float = Field(1.0, gt=0, le=20, description="KD recovery epochs after pruning")
-    recovery_max_examples: int | None = Field(4000, ge=1, description="training examples for recovery")
-    recovery_augment: int = Field(0, ge=0, le=50, description="unlabeled augmented copies of each recovery "
+    recovery_max_examples: int | None = Field(8000, ge=1, description="training examples for recovery")
+    recovery_augment: int = Field(1, ge=0, le=50, description="unlabeled augmented copies of each recovery "
                                                               "example, learnt from the teacher's soft targets "
                                                               "(classification only)")
     calibration_examples: int = Field(256, ge=1, le=100_000, description="static int8 calibration examples")
