@@ -21,7 +21,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 def main(default_data: str, default_teacher: str, default_out: str, targets: dict[str, float]) -> int:
     from slimformer import api
     from slimformer.measure import hardware
-    from slimformer.search import SearchConfig, run_search
+    from slimformer.search import SearchConfig, SearchSpace, run_search
     from slimformer.stages.finetune import FinetuneConfig
     from slimformer.tasks import load_task_data
 
@@ -37,12 +37,15 @@ def main(default_data: str, default_teacher: str, default_out: str, targets: dic
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--student", action="append", default=[], metavar="PATH",
                     help="a student distilled already, used instead of the search's own at its depth (repeatable)")
+    ap.add_argument("--space", default=None, metavar="YAML",
+                    help="search-space settings, as for slimformer search --space")
     args = ap.parse_args()
 
     task = load_task_data(args.data, seed=args.seed)
     teacher = args.teacher if Path(args.teacher).exists() else "minilm"
     cfg = SearchConfig(seed=args.seed, trials=args.trials, time_budget_s=args.time_budget, budget=args.budget,
                        threads=args.threads, students=args.student,
+                       space=SearchSpace.from_yaml(args.space) if args.space else SearchSpace(),
                        finetune=FinetuneConfig(epochs=2, evals_per_epoch=4))
     summary = run_search(teacher, task, cfg, args.out, progress=True, log=lambda m: print(m, file=sys.stderr))
     chosen = summary["chosen"]

@@ -403,17 +403,12 @@ def search(
 ) -> None:
     """Search distillation x pruning x quantization for the best model under a budget, and report it."""
     _one_process("search")
-    import yaml
 
     from slimformer.pareto import parse_budget
     from slimformer.search import SearchConfig, SearchSpace, run_search
 
     parse_budget(budget.replace("quality_drop", "accuracy_drop"))  # fail on a bad budget before any work
-    space_cfg = SearchSpace()
-    if space is not None:
-        if not space.is_file():
-            raise SlimformerError(f"search space file {space} does not exist; give a YAML file")
-        space_cfg = _config(SearchSpace, **(yaml.safe_load(space.read_text()) or {}))
+    space_cfg = SearchSpace.from_yaml(space) if space is not None else SearchSpace()
     cfg = _config(SearchConfig, objective=objective, budget=budget, trials=trials,
                   time_budget_s=_seconds(time_budget), strategy=strategy, storage=storage, batch=batch, seq=seq,
                   threads=threads, seed=seed, students=[str(p) for p in student] if student else None,

@@ -98,6 +98,30 @@ class SearchSpace(BaseModel):
                                                               "(classification only)")
     calibration_examples: int = Field(256, ge=1, le=100_000, description="static int8 calibration examples")
 
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike) -> SearchSpace:
+        """Read a space from a YAML mapping of these fields; a bad file or field is a one-line error."""
+        import yaml
+        from pydantic import ValidationError
+
+        path = Path(path)
+        if not path.is_file():
+            raise SlimformerError(f"search space file {path} does not exist; give a YAML file")
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise SlimformerError(f"search space file {path} is not valid YAML ({str(e).splitlines()[0]}); "
+                                  "fix its syntax") from None
+        if not isinstance(values, dict):
+            raise SlimformerError(f"search space file {path} must hold a mapping of settings (depths: [3], ...)")
+        try:
+            return cls(**values)
+        except ValidationError as e:
+            err = e.errors()[0]
+            field = ".".join(str(x) for x in err["loc"])
+            raise SlimformerError(f"invalid search space setting {field}={err.get('input')!r} in {path}: "
+                                  f"{err['msg']}") from None
+
     def resolved_depths(self, n_layers: int) -> list[int]:
         if self.depths:
             bad = [d for d in self.depths if not 1 <= d <= n_layers]

@@ -270,3 +270,19 @@ def test_recovery_settings_reach_the_pruning_of_a_candidate(setup, monkeypatch):
     assert (structural.kd_augment, structural.epochs, structural.max_train_examples) == (2, 3, 40)
     assert structural.recover == "kd" and structural.kd_cache_teacher
     assert vocab_only.recover == "none" and not vocab_only.kd_cache_teacher
+
+
+def test_space_from_yaml_reads_settings_and_names_bad_ones(tmp_path):
+    good = tmp_path / "space.yaml"
+    good.write_text("depths: [3]\nrecovery_epochs: 2\nprecisions: [ort-dynamic-int8]\n")
+    space = SearchSpace.from_yaml(good)
+    assert space.depths == [3] and space.recovery_epochs == 2 and space.precisions == ["ort-dynamic-int8"]
+    cases = {"missing.yaml": None, "syntax.yaml": "depths: [3\n", "list.yaml": "- 3\n",
+             "unknown.yaml": "depthz: [3]\n", "range.yaml": "recovery_epochs: 0\n"}
+    messages = {"missing.yaml": "does not exist", "syntax.yaml": "not valid YAML", "list.yaml": "must hold a mapping",
+                "unknown.yaml": "depthz", "range.yaml": "recovery_epochs=0"}
+    for name, text in cases.items():
+        if text is not None:
+            (tmp_path / name).write_text(text)
+        with pytest.raises(SlimformerError, match=messages[name]):
+            SearchSpace.from_yaml(tmp_path / name)
