@@ -623,34 +623,26 @@ def run_search(model: str, task: TaskData, config: SearchConfig, out: str | os.P
                                 directions=["minimize", goal], sampler=_sampler(config, space_lists, worker))
     if not worker:
         _stale_trials_to_fail(study)
-    # Whoever comes first (coordinator or worker) queues the references and seeds, once: skip_if_exists
-    # looks at every trial, and the lock keeps two processes from queueing them at the same moment.
+    # Whoever comes first (coordinator or worker) queues the seeds, once: skip_if_exists looks at every
+    # trial, and the lock keeps two processes from queueing them at the same moment.
     with distributed.file_lock(out / ".locks" / "enqueue.lock"):
         seeds = [{**p, "vocab": p["vocab"] and True in space_lists["vocab"]}
                  for p in seed_params(config.space, n_layers, list(students))]
-        for p in reference_params(n_layers) + seeds:
+        for p in seeds:
             study.enqueue_trial(p, skip_if_exists=True)
     _json_dump(out / "search.json", {"model": model, "data": task.source, "config": config.model_dump(mode="json"),
                                      "students": {str(d): str(p) for d, p in students.items()}})
 
-    def objective(trial) -> tuple[float, float]:
-        trial.set_user_attr("worker", _owner())
-        p = {
-            "depth": trial.suggest_categorical("depth", space_lists["depth"]),
-            "heads": trial.suggest_categorical("heads", space_lists["heads"]),
-            "ffn": trial.suggest_categorical("ffn", space_lists["ffn"]),
-            "vocab": trial.suggest_categorical("vocab", space_lists["vocab"]),
-            "precision": trial.suggest_categorical("precision", space_lists["precision"]),
-        }
+    def measured(p: dict[str, Any], store) -> tuple[Candidate, bool]:
+        """The candidate of ``p`` and whether it was measured before; a new one is handed to ``store``
+        while the lock is held. One process at a time per parameter set: a worker that draws a point
+        another is measuring waits, then reuses its numbers."""
         key = param_key(p)
-        # One process at a time per parameter set: a worker that draws a point another is measuring waits,
-        # then reuses its numbers.
         with distributed.file_lock(out / ".locks" / f"{key}.lock"):
             done = _finished_candidate(study, key)
             if done is not None:  # a repeat of a finished point: reuse its numbers, measure nothing twice
-                cand = done
-                trial.set_user_attr("reused", True)
-            elif p == reference_params(n_layers)[0]:  # the fp32 baseline itself: one measurement, not two
+                return done, True
+            if p == reference_params(n_layers)[0]:  # the fp32 baseline itself: one measurement, not two
                 cand = make_candidate(key, {**p, "measured_on": baseline.get("measured_on") or distributed.host()},
                                       teacher_path, baseline["quality"], baseline["cost"], baseline, task.type)
             else:
@@ -662,15 +654,48 @@ def run_search(model: str, task: TaskData, config: SearchConfig, out: str | os.P
                 given = {"student": str(students[p["depth"]])} if p["depth"] in students else {}
                 cand = Candidate(**{**vars(cand), "params": {**p, **given, "seconds": round(time.time() - t0, 1),
                                                              "measured_on": distributed.host()}})
-            trial.set_user_attr("candidate", cand.to_dict())
+            store(cand)
+        return cand, False
+
+    def report(what: str, cand: Candidate) -> None:
         if progress:
             m = cand.measurements
-            log(f"trial {trial.number}: {key}: quality {m['quality'].value:.4f}, "
+            log(f"{what}: {cand.name}: quality {m['quality'].value:.4f}, "
                 f"{objective_q} {m[objective_q].value:.3f}, drop {m['quality_drop'].value:+.2f}")
+
+    # The references are measured first and stored as trials without sampled parameters: they need not lie
+    # in the space (a space of 3-layer int8 points still compares with the fp32 teacher), and a sampler
+    # never sees values outside its choices.
+    for p in reference_params(n_layers):
+        def store_reference(cand: Candidate) -> None:
+            study.add_trial(optuna.trial.create_trial(
+                values=[cand.value("quality_drop"), cand.value(objective_q)],
+                user_attrs={"candidate": cand.to_dict(), "worker": _owner(), "reference": True}))
+
+        cand, before = measured(p, store_reference)
+        if not before:
+            report("reference", cand)
+
+    def objective(trial) -> tuple[float, float]:
+        trial.set_user_attr("worker", _owner())
+        p = {
+            "depth": trial.suggest_categorical("depth", space_lists["depth"]),
+            "heads": trial.suggest_categorical("heads", space_lists["heads"]),
+            "ffn": trial.suggest_categorical("ffn", space_lists["ffn"]),
+            "vocab": trial.suggest_categorical("vocab", space_lists["vocab"]),
+            "precision": trial.suggest_categorical("precision", space_lists["precision"]),
+        }
+        cand, before = measured(p, lambda c: trial.set_user_attr("candidate", c.to_dict()))
+        if before:
+            trial.set_user_attr("reused", True)
+            trial.set_user_attr("candidate", cand.to_dict())
+        report(f"trial {trial.number}", cand)
         return cand.value("quality_drop"), cand.value(objective_q)
 
     durations: list[float] = []
-    space_size = math.prod(len(v) for v in space_lists.values())
+    # Every point of the space, plus the references that lie outside it.
+    space_size = math.prod(len(v) for v in space_lists.values()) + sum(
+        any(r[k] not in space_lists[k] for k in space_lists) for r in reference_params(n_layers))
     while True:
         # `trials` counts distinct measured candidates: a sampler that proposes a finished point again gets
         # its numbers back for free, and that repeat does not use up the budget. A sampler that keeps

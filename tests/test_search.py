@@ -286,3 +286,19 @@ def test_space_from_yaml_reads_settings_and_names_bad_ones(tmp_path):
             (tmp_path / name).write_text(text)
         with pytest.raises(SlimformerError, match=messages[name]):
             SearchSpace.from_yaml(tmp_path / name)
+
+
+def test_a_narrow_space_without_the_references_values_still_compares_with_them(setup):
+    """The references (fp32 teacher, its ORT int8) are measured even when the space leaves out the teacher's
+    depth, unpruned widths and fp32: the sampler only ever draws from the space."""
+    root, teacher, data = setup
+    task = load_task_data(data)
+    narrow = SearchSpace(**{**SPACE.model_dump(), "depths": [1], "heads": [0.5], "ffn": [0.0], "vocab": [True],
+                            "precisions": ["ort-dynamic-int8"]})
+    cfg = SearchConfig(trials=30, threads=1, space=narrow, fresh_process_measurement=False, budget="quality_drop<=100")
+    summary = run_search(str(teacher), task, cfg, root / "narrow", progress=False)
+    names = sorted(c["name"] for c in summary["candidates"])
+    # The whole space is one point; with the two references that is all there is to measure.
+    assert names == ["d1-h0p5-f0-v1-ort-dynamic-int8", "d2-h0-f0-v0-fp32", "d2-h0-f0-v0-ort-dynamic-int8"]
+    assert summary["references"] == ["d2-h0-f0-v0-fp32", "d2-h0-f0-v0-ort-dynamic-int8"]
+    assert summary["chosen"] is not None
