@@ -115,7 +115,16 @@ def test_collate_pads_dynamically():
 
 def test_shared_sst2_and_conll_counts(shared_data):
     sst = load_task_data(Path(shared_data) / "sst2")
-    assert len(sst.train) + len(sst.tuning) == 67349 and len(sst.eval) == 872
+    # SST-2's training phrases come from parsed sentences: tuning takes 500 whole sentences, and their
+    # phrases leave training.
+    assert len(sst.tuning) == 500 and len(sst.eval) == 872
+    assert 60000 < len(sst.train) < 67349 - 500
+    spans = set()
+    for e in sst.tuning:
+        w = e["text"].split()
+        assert len(w) >= 3
+        spans.update(" ".join(w[a:b]) for a in range(len(w)) for b in range(a + 3, len(w) + 1))
+    assert not any(e["text"] in spans for e in sst.train if len(e["text"].split()) >= 3)
     conll = load_task_data(Path(shared_data) / "conll2003")
     assert len(conll.train) + len(conll.tuning) == 14041 and len(conll.eval) == 3453
     assert conll.label_names == ["O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC", "B-MISC", "I-MISC"]
@@ -234,3 +243,62 @@ def test_tuning_fingerprint_follows_the_tuning_split(tmp_path):
     changed[0]["tags"] = ["O"] * len(changed[0]["tags"])
     assert TaskData(a.type, a.train, changed, a.eval).tuning_fingerprint() != \
         TaskData(a.type, a.train, list(a.tuning), a.eval).tuning_fingerprint() == fp
+
+
+def _phrase_folder(folder: Path, n_sentences: int = 60) -> Path:
+    """SST-2-like training data: every sentence comes with some of its phrases (as the treebank's parse
+    does), plus single words; a separate dev file of sentences."""
+    import random
+
+    rng = random.Random(1)
+    vocab = [f"w{i}" for i in range(400)]
+    rows = []
+    for k in range(n_sentences):
+        sent = [f"s{k}"] + rng.sample(vocab, 9)  # a sentence's own first word keeps sentences distinct
+        label = str(k % 2)
+        rows.append((" ".join(sent), label))
+        for _ in range(4):
+            a = rng.randrange(0, len(sent) - 3)
+            b = rng.randrange(a + 3, len(sent))
+            rows.append((" ".join(sent[a:b]), label))
+        rows.append((sent[3], label))  # a single word
+    rng.shuffle(rows)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "train.tsv").write_text("sentence\tlabel\n" + "".join(f"{t}\t{lab}\n" for t, lab in rows))
+    (folder / "dev.tsv").write_text("sentence\tlabel\ns0 w1 w2 w3\t0\ns1 w4 w5 w6\t1\n")
+    return folder
+
+
+def test_phrase_data_is_carved_by_whole_sentences(tmp_path):
+    from slimformer.tasks import sentence_groups
+
+    data = load_task_data(_phrase_folder(tmp_path / "phrases"))
+    tuning = [e["text"] for e in data.tuning]
+    # Tuning holds whole sentences only (each starts with its s<k> marker and has 10 words) ...
+    assert tuning and all(t.startswith("s") and len(t.split()) == 10 for t in tuning)
+    # ... at least MIN_TUNING_SENTENCES' share where there are few: max(5% of 60, min(500, 60 // 10)) = 6
+    assert len(tuning) == 6
+    # ... and no training example of 3+ words is a piece of one of them.
+    for e in data.train:
+        if len(e["text"].split()) >= 3:
+            assert not any(f" {e['text']} " in f" {t} " for t in tuning), e["text"]
+    # Single words always train, even when their sentence went to tuning.
+    n_words = sum(1 for e in data.train if len(e["text"].split()) == 1)
+    assert n_words == 60
+    # Same seed, same split; another seed, another one.
+    assert [e["text"] for e in load_task_data(tmp_path / "phrases").tuning] == tuning
+    assert [e["text"] for e in load_task_data(tmp_path / "phrases", seed=1).tuning] != tuning
+    # Data whose examples are not pieces of each other is not phrase-structured: the old split stands.
+    assert sentence_groups([{"text": t} for t in ("a b c d", "e f g h", "a b c", "x y z w", "p q r s")]) is None
+    assert sentence_groups([{"text": "a b c d"}, {"text": "b c d"}, {"text": "x y z"}]) == [0, 0, 2]
+
+
+def test_repeated_sentences_land_on_one_side(tmp_path):
+    from slimformer.tasks import _carve_sentences, sentence_groups
+
+    ex = [{"text": f"s{k} a b c d", "label": "0"} for k in range(30)] * 2
+    ex += [{"text": f"s{k} a b", "label": "0"} for k in range(30)]  # a phrase of each: phrase-structured
+    group = sentence_groups(ex)
+    assert group is not None
+    train, tune = _carve_sentences(ex, group, 0.1, 2000, seed=0)
+    assert not {e["text"] for e in tune} & {e["text"] for e in train}
