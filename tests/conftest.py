@@ -12,7 +12,7 @@ torch.set_num_threads(1)
 SHARED_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")  # module-scoped fixtures of the slow tests build on it
 def shared_data():
     path = os.path.abspath(SHARED_DATA)
     if not os.path.isdir(path):

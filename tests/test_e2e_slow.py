@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def sst2(shared_data):
-    return load_task_data(Path(shared_data) / "sst2", max_train_examples=4000, max_tuning=400)
+    return load_task_data(Path(shared_data) / "sst2", max_train_examples=8000, max_tuning=400)
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +52,7 @@ def test_pruned_then_quantized_model_keeps_most_of_the_teacher(sst2, teacher, tm
 def test_conll_token_classification_learns(shared_data, tmp_path):
     task = load_task_data(Path(shared_data) / "conll2003", max_train_examples=3000, max_tuning=300,
                           max_eval_examples=600)
-    result = api.finetune("minilm", task, FinetuneConfig(epochs=1, learning_rate=1e-4), tmp_path / "ner",
+    # One epoch of 3,000 sentences left entity F1 at 0.49-0.5 (94 steps); two take it clear of the bar.
+    result = api.finetune("minilm", task, FinetuneConfig(epochs=2, learning_rate=1e-4), tmp_path / "ner",
                           progress=False)
     assert result["quality"]["metric"] == "f1" and result["quality"]["value"] >= 0.5
