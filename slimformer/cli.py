@@ -16,7 +16,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from slimformer.errors import SlimformerError
+from slimformer.errors import SlimformerError, validation_line
 
 app = typer.Typer(
     name="slimformer",
@@ -68,9 +68,7 @@ def _config(cls, **values: Any):
     try:
         return cls(**{k: v for k, v in values.items() if v is not None})
     except ValidationError as e:
-        err = e.errors()[0]
-        field = ".".join(str(x) for x in err["loc"])
-        raise SlimformerError(f"invalid setting {field}={err.get('input')!r}: {err['msg']}") from None
+        raise SlimformerError(f"invalid setting {validation_line(e)}") from None
 
 
 def _one_process(command: str) -> None:

@@ -30,7 +30,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from slimformer import models
-from slimformer.errors import SlimformerError
+from slimformer.errors import SlimformerError, read_yaml
 from slimformer.stages.distill import DistillConfig
 from slimformer.stages.finetune import FinetuneConfig
 from slimformer.stages.prune import PruneConfig
@@ -57,13 +57,7 @@ class Recipe(BaseModel):
     @staticmethod
     def from_yaml(path: str | Path) -> Recipe:
         path = Path(path)
-        if not path.is_file():
-            raise SlimformerError(f"recipe {path} does not exist; give a YAML file")
-        try:
-            data = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as e:
-            reason = str(e).splitlines()[0]
-            raise SlimformerError(f"recipe {path} is not valid YAML ({reason}); fix the syntax") from None
+        data = read_yaml(path, "recipe")
         if not isinstance(data, dict):
             raise SlimformerError(f"recipe {path} must be a mapping with a 'stages' list")
         return Recipe.parse(data, str(path))

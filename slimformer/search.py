@@ -42,7 +42,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from slimformer import distributed, models
-from slimformer.errors import SlimformerError
+from slimformer.errors import SlimformerError, read_yaml, validation_line
 from slimformer.pareto import (
     OBJECTIVES,
     Candidate,
@@ -101,26 +101,17 @@ class SearchSpace(BaseModel):
     @classmethod
     def from_yaml(cls, path: str | os.PathLike) -> SearchSpace:
         """Read a space from a YAML mapping of these fields; a bad file or field is a one-line error."""
-        import yaml
         from pydantic import ValidationError
 
-        path = Path(path)
-        if not path.is_file():
-            raise SlimformerError(f"search space file {path} does not exist; give a YAML file")
-        try:
-            values = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise SlimformerError(f"search space file {path} is not valid YAML ({str(e).splitlines()[0]}); "
-                                  "fix its syntax") from None
+        values = read_yaml(path, "search space file")
+        if values is None:  # an empty file: the default space
+            values = {}
         if not isinstance(values, dict):
             raise SlimformerError(f"search space file {path} must hold a mapping of settings (depths: [3], ...)")
         try:
             return cls(**values)
         except ValidationError as e:
-            err = e.errors()[0]
-            field = ".".join(str(x) for x in err["loc"])
-            raise SlimformerError(f"invalid search space setting {field}={err.get('input')!r} in {path}: "
-                                  f"{err['msg']}") from None
+            raise SlimformerError(f"invalid search space setting in {path}: {validation_line(e)}") from None
 
     def resolved_depths(self, n_layers: int) -> list[int]:
         if self.depths:
@@ -666,12 +657,12 @@ def run_search(model: str, task: TaskData, config: SearchConfig, out: str | os.P
     # The references are measured first and stored as trials without sampled parameters: they need not lie
     # in the space (a space of 3-layer int8 points still compares with the fp32 teacher), and a sampler
     # never sees values outside its choices.
-    for p in reference_params(n_layers):
-        def store_reference(cand: Candidate) -> None:
-            study.add_trial(optuna.trial.create_trial(
-                values=[cand.value("quality_drop"), cand.value(objective_q)],
-                user_attrs={"candidate": cand.to_dict(), "worker": _owner(), "reference": True}))
+    def store_reference(cand: Candidate) -> None:
+        study.add_trial(optuna.trial.create_trial(
+            values=[cand.value("quality_drop"), cand.value(objective_q)],
+            user_attrs={"candidate": cand.to_dict(), "worker": _owner(), "reference": True}))
 
+    for p in reference_params(n_layers):
         cand, before = measured(p, store_reference)
         if not before:
             report("reference", cand)

@@ -333,8 +333,8 @@ def infer_task_type(files: dict[str, Path]) -> TaskType:
     return TaskType.CAUSAL_LM
 
 
-def _carve(examples: list[dict[str, Any]], fraction: float, max_size: int, seed: int
-           ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def _carve_examples(examples: list[dict[str, Any]], fraction: float, max_size: int, seed: int
+                    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Split off a tuning set from train with a fixed seed (same seed, same split, every run); both keep
     the examples' order.
 
@@ -431,12 +431,14 @@ def _carve_sentences(examples: list[dict[str, Any]], group: list[int], fraction:
     return train, tune
 
 
-def _carve_texts(examples: list[dict[str, Any]], fraction: float, max_size: int, seed: int
-                 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Carve a classification table: by source sentence when it is phrase-structured, else example by example."""
-    group = sentence_groups(examples) if len(examples) > 1 else None
+def _carve(examples: list[dict[str, Any]], fraction: float, max_size: int, seed: int
+           ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Split off the tuning set: a phrase-structured text table by source sentence, anything else by
+    document or example by example."""
+    texts = len(examples) > 1 and all("text" in e for e in examples)
+    group = sentence_groups(examples) if texts else None
     if group is None:
-        return _carve(examples, fraction, max_size, seed)
+        return _carve_examples(examples, fraction, max_size, seed)
     return _carve_sentences(examples, group, fraction, max_size, seed)
 
 
@@ -528,8 +530,6 @@ def load_task_data(
         text = train_all[0]["text"]
         cut = int(len(text) * (1 - tuning_fraction))
         train, tuning = [{"text": text[:cut]}], [{"text": text[cut:]}]
-    elif task == TaskType.SEQUENCE_CLASSIFICATION:
-        train, tuning = _carve_texts(train_all, tuning_fraction, max_tuning, seed)
     else:
         train, tuning = _carve(train_all, tuning_fraction, max_tuning, seed)
 
@@ -539,8 +539,6 @@ def load_task_data(
             text = train[0]["text"]
             cut = int(len(text) * 0.9)
             train, eval_examples = [{"text": text[:cut]}], [{"text": text[cut:]}]
-        elif task == TaskType.SEQUENCE_CLASSIFICATION:
-            train, eval_examples = _carve_texts(train, tuning_fraction, max_tuning, seed + 1)
         else:
             train, eval_examples = _carve(train, tuning_fraction, max_tuning, seed + 1)
 
@@ -590,7 +588,7 @@ def _load_hub_dataset(dataset_id: str, task: TaskType | None, text_column: str |
         return [{"text": r[tcol], "label": names[r[lcol]] if hasattr(feat, "names") else _label_key(r[lcol])}
                 for r in rows]
 
-    train, tuning = _carve_texts(conv(train_rows), tuning_fraction, max_tuning, seed)
+    train, tuning = _carve(conv(train_rows), tuning_fraction, max_tuning, seed)
     return TaskData(TaskType.SEQUENCE_CLASSIFICATION, train[:max_train], tuning, conv(eval_rows)[:max_eval], names,
                     source=dataset_id, eval_source=f"{dataset_id}:{eval_name}")
 
