@@ -470,15 +470,41 @@ def given_students(config: SearchConfig, teacher: models.SlimModel, task: TaskDa
     return out
 
 
-def _check_same_students(out: Path, students: dict[int, Path]) -> None:
-    """Cached students, pruned models and finished candidates are keyed by depth, not by where a student came
-    from: a search resumed in the same folder with other students would mix their numbers silently."""
+# Settings that shape what a search folder caches: students, pruned models and converted candidates are keyed
+# by their shape only, and finished candidates hold numbers measured under the protocol. The space's ranges
+# (depths, heads, ...) may change on resume: they only change what is sampled next.
+_BUILD_SETTINGS = ("kd_epochs", "kd_max_examples", "kd_learning_rate", "temperature", "alpha", "recovery_epochs",
+                   "recovery_max_examples", "recovery_augment", "calibration_examples")
+_PROTOCOL_SETTINGS = ("seed", "batch", "seq", "throughput_batch", "threads", "runs", "finetune")
+
+
+def _setup_of(config: SearchConfig) -> dict[str, Any]:
+    d = config.model_dump(mode="json")
+    return {**{k: d["space"][k] for k in _BUILD_SETTINGS}, **{k: d[k] for k in _PROTOCOL_SETTINGS}}
+
+
+def _check_same_setup(out: Path, config: SearchConfig, students: dict[int, Path]) -> None:
+    """A search resumed in a folder must be the same search: other students or other training or measurement
+    settings would mix their numbers with the cached ones silently."""
     f = out / "search.json"
-    before = json.loads(f.read_text()).get("students", {}) if f.exists() else {}
+    if not f.exists():
+        return
+    before = json.loads(f.read_text())
     now = {str(d): str(p) for d, p in students.items()}
-    if f.exists() and before != now:
-        raise SlimformerError(f"{out} holds a search with other students ({before or 'none given'}); give the same "
-                              "--student options as before, or a new --out")
+    if before.get("students", {}) != now:
+        raise SlimformerError(f"{out} holds a search with other students ({before.get('students') or 'none given'})"
+                              "; give the same --student options as before, or a new --out")
+    old_config = before.get("config")
+    if old_config is None:
+        return
+    try:
+        was = _setup_of(SearchConfig(**old_config))
+    except ValueError:
+        raise SlimformerError(f"{out} holds a search written by another slimformer version; use a new --out") from None
+    changed = [f"{k} {was[k]!r} -> {v!r}" for k, v in _setup_of(config).items() if was[k] != v]
+    if changed:
+        raise SlimformerError(f"{out} holds a search made with other settings ({'; '.join(changed)}): its cached "
+                              "models and numbers would not match; use the same settings, or a new --out")
 
 
 def _storage(config: SearchConfig, out: Path):
@@ -594,7 +620,7 @@ def run_search(model: str, task: TaskData, config: SearchConfig, out: str | os.P
     builder = Builder(out, teacher_path, task, config, progress)
     n_layers = builder.teacher.config.num_hidden_layers
     students = given_students(config, builder.teacher, task, log=log)
-    _check_same_students(out, students)
+    _check_same_setup(out, config, students)
     builder.students = students
     space_lists = {
         # A given student's depth is always searched: the user made it to be tried.

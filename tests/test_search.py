@@ -150,6 +150,10 @@ def test_given_student_is_used_instead_of_distilling_one(setup):
     with pytest.raises(SlimformerError, match="holds a search with other students"):
         run_search(str(teacher), task, SearchConfig(space=STUDENT_SPACE, fresh_process_measurement=False), out,
                    progress=False)
+    # ... and so would other recovery or measurement settings: its pruned models are cached by shape only.
+    other = cfg.model_copy(update={"space": STUDENT_SPACE.model_copy(update={"recovery_epochs": 2.0}), "runs": 40})
+    with pytest.raises(SlimformerError, match=r"other settings \(recovery_epochs 1.0 -> 2.0; runs 30 -> 40\)"):
+        run_search(str(teacher), task, other, out, progress=False)
 
 
 def test_bad_given_students(setup):
