@@ -43,6 +43,12 @@ SeedOpt = Annotated[int, typer.Option("--seed", help="random seed")]
 MaxTrainOpt = Annotated[int | None, typer.Option(
     "--max-train-examples", help="use only N training examples (causal-lm: blocks of --max-length tokens)")]
 MaxEvalOpt = Annotated[int | None, typer.Option("--max-eval-examples", help="score only N examples")]
+EpochsOpt = Annotated[float, typer.Option("--epochs", help="passes over the training data")]
+LrOpt = Annotated[float, typer.Option("--lr", help="peak learning rate")]
+TrainBatchOpt = Annotated[int, typer.Option("--batch-size", help="training batch size")]
+MaxLenOpt = Annotated[int, typer.Option("--max-length", help="truncate inputs to N tokens")]
+EvalsOpt = Annotated[int, typer.Option("--evals-per-epoch", help="tuning-split evaluations per epoch")]
+PrecisionOpt = Annotated[str, typer.Option("--precision", help="auto (bf16 where fast) | bf16 | fp32")]
 
 
 def _task_data(data: str, task: str | None, text_column: str | None, label_column: str | None,
@@ -107,12 +113,12 @@ def finetune(
     method: Annotated[str, typer.Option(help="full | lora | top-k")] = "full",
     top_k: Annotated[int, typer.Option("--top-k", help="with --method top-k: layers to train")] = 2,
     lora_r: Annotated[int, typer.Option(help="LoRA rank")] = 8,
-    epochs: Annotated[float, typer.Option(help="passes over the training data")] = 3.0,
-    lr: Annotated[float, typer.Option("--lr", help="peak learning rate")] = 5e-5,
-    batch_size: Annotated[int, typer.Option(help="training batch size")] = 32,
-    max_length: Annotated[int, typer.Option(help="truncate inputs to N tokens")] = 128,
-    evals_per_epoch: Annotated[int, typer.Option(help="tuning-split evaluations per epoch")] = 1,
-    precision: Annotated[str, typer.Option(help="auto (bf16 where fast) | bf16 | fp32")] = "auto",
+    epochs: EpochsOpt = 3.0,
+    lr: LrOpt = 5e-5,
+    batch_size: TrainBatchOpt = 32,
+    max_length: MaxLenOpt = 128,
+    evals_per_epoch: EvalsOpt = 1,
+    precision: PrecisionOpt = "auto",
     report_to: Annotated[list[str] | None, typer.Option(help="tensorboard and/or mlflow")] = None,
     max_train_examples: MaxTrainOpt = None,
     max_eval_examples: MaxEvalOpt = None,
@@ -155,12 +161,12 @@ def distill(
     transfer_text: Annotated[Path | None, typer.Option(help="plain-text file of unlabeled in-domain text, one "
                                                              "example per line, learnt from the teacher alone")] = None,
     task: TaskOpt = None,
-    epochs: Annotated[float, typer.Option(help="passes over the training data")] = 3.0,
-    lr: Annotated[float, typer.Option("--lr", help="peak learning rate")] = 1e-4,
-    batch_size: Annotated[int, typer.Option(help="training batch size")] = 32,
-    max_length: Annotated[int, typer.Option(help="truncate inputs to N tokens")] = 128,
-    evals_per_epoch: Annotated[int, typer.Option(help="tuning-split evaluations per epoch")] = 1,
-    precision: Annotated[str, typer.Option(help="auto (bf16 where fast) | bf16 | fp32")] = "auto",
+    epochs: EpochsOpt = 3.0,
+    lr: LrOpt = 1e-4,
+    batch_size: TrainBatchOpt = 32,
+    max_length: MaxLenOpt = 128,
+    evals_per_epoch: EvalsOpt = 1,
+    precision: PrecisionOpt = "auto",
     max_train_examples: MaxTrainOpt = None,
     max_eval_examples: MaxEvalOpt = None,
     text_column: TextColOpt = None,
@@ -201,7 +207,7 @@ def evaluate(
     task: TaskOpt = None,
     split: Annotated[str, typer.Option(help="train | tuning | eval")] = "eval",
     batch_size: Annotated[int, typer.Option(help="inference batch size")] = 64,
-    max_length: Annotated[int, typer.Option(help="truncate inputs to N tokens")] = 128,
+    max_length: MaxLenOpt = 128,
     bootstrap: Annotated[int, typer.Option(help="bootstrap resamples for the 95% interval")] = 1000,
     text_column: TextColOpt = None,
     label_column: LabelColOpt = None,
@@ -316,8 +322,8 @@ def prune(
     epochs: Annotated[float, typer.Option(help="recovery passes over the training data per round")] = 1.0,
     lr: Annotated[float, typer.Option("--lr", help="recovery learning rate")] = 5e-5,
     batch_size: Annotated[int, typer.Option(help="training (and Taylor scoring) batch size")] = 32,
-    max_length: Annotated[int, typer.Option(help="truncate inputs to N tokens")] = 128,
-    precision: Annotated[str, typer.Option(help="auto (bf16 where fast) | bf16 | fp32")] = "auto",
+    max_length: MaxLenOpt = 128,
+    precision: PrecisionOpt = "auto",
     max_train_examples: MaxTrainOpt = None,
     max_eval_examples: MaxEvalOpt = None,
     text_column: TextColOpt = None,
@@ -474,7 +480,7 @@ def quantize(
     teacher_weight: Annotated[float, typer.Option(help="qat-int8: weight of matching the float model (rest: "
                                                        "labels)")] = 1.0,
     batch_size: Annotated[int, typer.Option(help="qat-int8: training batch size")] = 32,
-    max_length: Annotated[int, typer.Option(help="truncate inputs to N tokens")] = 128,
+    max_length: MaxLenOpt = 128,
     max_train_examples: MaxTrainOpt = None,
     max_eval_examples: MaxEvalOpt = None,
     text_column: TextColOpt = None,
