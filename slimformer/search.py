@@ -33,6 +33,7 @@ import os
 import re
 import shutil
 import time
+import warnings
 from collections.abc import Sequence
 from enum import StrEnum
 from pathlib import Path
@@ -509,15 +510,18 @@ def _check_same_setup(out: Path, config: SearchConfig, students: dict[int, Path]
 
 def _storage(config: SearchConfig, out: Path):
     import optuna
-    from optuna.storages import RDBStorage, RetryFailedTrialCallback
+    from optuna.exceptions import ExperimentalWarning
+    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
     url = config.storage or f"sqlite:///{(out / 'study.db').resolve()}"
     if url.startswith(("sqlite", "postgresql", "mysql")):
         # Heartbeats let a restarted search (or another worker) notice a trial whose process died, fail it
         # and run it again, so no finished work is lost and no candidate is left half-done. The grace period
         # is generous so that a live worker on a loaded machine, whose heartbeat thread may lag, keeps its trial.
-        return RDBStorage(url, heartbeat_interval=5, grace_period=60,
-                          failed_trial_callback=RetryFailedTrialCallback(max_retry=2))
+        with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna since 2.8, and what we need
+            warnings.simplefilter("ignore", ExperimentalWarning)
+            return RDBStorage(url, heartbeat_interval=5, grace_period=60,
+                              heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=2))
     if url.endswith(".log") or url.startswith("journal:"):
         from optuna.storages.journal import JournalFileBackend, JournalStorage
 
@@ -693,6 +697,8 @@ def run_search(model: str, task: TaskData, config: SearchConfig, out: str | os.P
         if not before:
             report("reference", cand)
 
+    repeat = {"last": False}  # whether the latest trial only reused a finished candidate
+
     def objective(trial) -> tuple[float, float]:
         trial.set_user_attr("worker", _owner())
         p = {
@@ -702,7 +708,9 @@ def run_search(model: str, task: TaskData, config: SearchConfig, out: str | os.P
             "vocab": trial.suggest_categorical("vocab", space_lists["vocab"]),
             "precision": trial.suggest_categorical("precision", space_lists["precision"]),
         }
+        repeat["last"] = False
         cand, before = measured(p, lambda c: trial.set_user_attr("candidate", c.to_dict()))
+        repeat["last"] = before
         if before:
             trial.set_user_attr("reused", True)
             trial.set_user_attr("candidate", cand.to_dict())
@@ -732,7 +740,8 @@ def run_search(model: str, task: TaskData, config: SearchConfig, out: str | os.P
         t0 = time.time()
         # A candidate that fails (an export a backend cannot run, say) is recorded as failed; the search goes on.
         study.optimize(objective, n_trials=1, catch=(Exception,))
-        durations.append(time.time() - t0)
+        if not repeat["last"]:  # a repeat costs nothing: only measured (or failed) trials predict the next one
+            durations.append(time.time() - t0)
 
     if worker:
         return {"out": str(out), "trials": len(study.trials)}
