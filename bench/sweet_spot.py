@@ -1,8 +1,9 @@
-"""Shared body of the sweet-spot benchmarks: run the search with a fixed seed, then measure the baseline,
-ONNX Runtime dynamic int8 of the baseline and the chosen point side by side, in one run, and print ratios.
+"""Shared body of the sweet-spot benchmarks: run the search with a fixed seed and print the chosen point
+against the baseline and ONNX Runtime dynamic int8 of the baseline, measured side by side in one run.
 
 Quality is the eval split (never seen by training or search); speed is p50 at b1 s128 in a fresh process
-for each model, measured in rounds that interleave the three models so machine noise hits all alike.
+for each model, re-timed by the search at its end in rounds that interleave the three models so machine
+noise hits all alike (``SearchConfig.confirm_rounds``).
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 from pathlib import Path
 
@@ -19,7 +19,6 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def main(default_data: str, default_teacher: str, default_out: str, targets: dict[str, float]) -> int:
-    from slimformer import api
     from slimformer.measure import hardware
     from slimformer.search import SearchConfig, SearchSpace, run_search
     from slimformer.stages.finetune import FinetuneConfig
@@ -44,7 +43,7 @@ def main(default_data: str, default_teacher: str, default_out: str, targets: dic
     task = load_task_data(args.data, seed=args.seed)
     teacher = args.teacher if Path(args.teacher).exists() else "minilm"
     cfg = SearchConfig(seed=args.seed, trials=args.trials, time_budget_s=args.time_budget, budget=args.budget,
-                       threads=args.threads, students=args.student,
+                       threads=args.threads, students=args.student, confirm_rounds=args.rounds,
                        space=SearchSpace.from_yaml(args.space) if args.space else SearchSpace(),
                        finetune=FinetuneConfig(epochs=2, evals_per_epoch=4))
     summary = run_search(teacher, task, cfg, args.out, progress=True, log=lambda m: print(m, file=sys.stderr))
@@ -54,20 +53,18 @@ def main(default_data: str, default_teacher: str, default_out: str, targets: dic
         return 1
     by_name = {c["name"]: c for c in summary["candidates"]}
     ref_fp32, ref_int8 = summary["references"][0], summary["references"][1]
-    paths = {"baseline fp32 (PyTorch)": by_name[ref_fp32]["path"],
-             "baseline ORT dynamic int8": by_name[ref_int8]["path"], "chosen": chosen["path"]}
-    lat: dict[str, list[float]] = {k: [] for k in paths}
-    cards: dict[str, dict] = {}
-    for _ in range(args.rounds):
-        for label, path in paths.items():
-            card = api.measure_fresh(path, batch=1, seq=128, threads=args.threads, runs=50)
-            lat[label].append(card["latency_ms_p50"])
-            cards[label] = card
+    keys = {"baseline fp32 (PyTorch)": "baseline", "baseline ORT dynamic int8": "ort_int8_baseline",
+            "chosen": "chosen"}
+    sizes = {"baseline fp32 (PyTorch)": by_name[ref_fp32], "baseline ORT dynamic int8": by_name[ref_int8],
+             "chosen": chosen}
+    sizes = {k: c["measurements"]["size_mb"]["value"] for k, c in sizes.items()}
+    timing = summary["confirmation"]["timing"]
+    lat = {label: timing["latency_ms"][key] for label, key in keys.items()}
     conf = summary["confirmation"]
     quality = {"baseline fp32 (PyTorch)": conf["baseline"], "baseline ORT dynamic int8": conf["ort_int8_baseline"],
                "chosen": conf["chosen"]}
-    base_lat = statistics.median(lat["baseline fp32 (PyTorch)"])
-    base_size = cards["baseline fp32 (PyTorch)"]["size_bytes"]
+    base_lat = timing["latency_ms_median"]["baseline"]
+    base_size = sizes["baseline fp32 (PyTorch)"]
     base_q = quality["baseline fp32 (PyTorch)"]["value"]
     hw = hardware()
     print(f"\nsweet spot on {args.data} | CPU {hw['cpu']} [{' '.join(hw['cpu_flags'])}] | threads "
@@ -78,12 +75,12 @@ def main(default_data: str, default_teacher: str, default_out: str, targets: dic
              f"{'size MB':>8s} {'smaller':>8s}"
     print(header)
     rows = {}
-    for label in paths:
+    for label, key in keys.items():
         q = quality[label]
-        p50 = statistics.median(lat[label])
-        size = cards[label]["size_bytes"]
+        p50 = timing["latency_ms_median"][key]
+        size = sizes[label]
         rows[label] = {"quality": q["value"], "drop": 100 * (base_q - q["value"]), "p50_ms": p50,
-                       "speedup": base_lat / p50, "size_mb": size / 1e6, "compression": base_size / size}
+                       "speedup": base_lat / p50, "size_mb": size, "compression": base_size / size}
         r = rows[label]
         print(f"{label:28s} {q['value']:>8.4f} ({q['ci95'][0]:.4f}-{q['ci95'][1]:.4f}) {r['drop']:>+9.2f} "
               f"{p50:>8.2f} {r['speedup']:>8.2f}x {r['size_mb']:>8.2f} {r['compression']:>7.1f}x")

@@ -141,9 +141,10 @@ kw = json.loads(sys.argv[2])
 tb = kw.pop("throughput_batch")
 rss0 = measure.psutil.Process().memory_info().rss
 card = api.measure(sys.argv[1], **kw)
-card["throughput_batch_per_s"] = api.measure(sys.argv[1], **{**kw, "batch": tb, "runs": 30, "warmup": 2,
-                                                            "flops": False})["throughput_per_s"]
-card["throughput_batch"] = tb
+if tb is not None:
+    card["throughput_batch_per_s"] = api.measure(sys.argv[1], **{**kw, "batch": tb, "runs": 30, "warmup": 2,
+                                                                "flops": False})["throughput_per_s"]
+    card["throughput_batch"] = tb
 card["process_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 card["model_memory_mb"] = card["process_peak_rss_mb"] - rss0 / 2**20
 print("SLIMFORMER-CARD " + json.dumps(card, default=str))
@@ -151,9 +152,11 @@ print("SLIMFORMER-CARD " + json.dumps(card, default=str))
 
 
 def measure_fresh(model: str | os.PathLike, *, batch: int = 1, seq: int = 128, threads: int | None = None,
-                  runs: int = 30, warmup: int = 5, throughput_batch: int = 32, device: str = "auto") -> dict[str, Any]:
+                  runs: int = 30, warmup: int = 5, throughput_batch: int | None = 32,
+                  device: str = "auto") -> dict[str, Any]:
     """Measure in a new Python process, as ``slimformer measure`` does: nothing the caller did before
     (training, other models in memory) affects the timing, and the peak memory is this model's alone.
+    ``throughput_batch=None`` skips the throughput pass (latency only).
 
     ``model_memory_mb`` is the peak resident memory above what the process held after importing the
     libraries: weights, activations and runtime buffers, comparable across PyTorch and ONNX Runtime."""

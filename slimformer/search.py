@@ -32,10 +32,12 @@ import math
 import os
 import re
 import shutil
+import statistics
 import time
 import warnings
 from collections.abc import Sequence
 from enum import StrEnum
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -145,6 +147,9 @@ class SearchConfig(BaseModel):
     runs: int = Field(30, ge=30, le=10_000, description="timed runs per latency measurement")
     fresh_process_measurement: bool = Field(True, description="measure each candidate in a new process (clean "
                                                               "timing and memory; off only for quick tests)")
+    confirm_rounds: int = Field(3, ge=0, le=20, description="at the end, re-time the baseline, its ORT int8 and "
+                                                        "the chosen point in this many interleaved rounds, so the "
+                                                        "reported speed-ups share one machine state (0: off)")
     space: SearchSpace = Field(default_factory=SearchSpace, description="what to combine")
     students: list[str] = Field([], description="folders of students distilled already (slimformer distill), at "
                                                 "most one per depth: used as they are instead of distilling one "
@@ -311,6 +316,30 @@ def _cost(path: Path, config: SearchConfig) -> dict[str, Any]:
     card["throughput_batch_per_s"] = api.measure(path, batch=config.throughput_batch, seq=config.seq, threads=threads,
                                                  runs=30, warmup=2, flops=False, device="cpu")["throughput_per_s"]
     return card
+
+
+def _latency(path: Path, config: SearchConfig) -> float:
+    """p50 latency of one model at the search's batch and sequence length, measured as ``_cost`` does."""
+    from slimformer import api
+
+    threads = config.threads or torch.get_num_threads()
+    measure = (partial(api.measure_fresh, throughput_batch=None) if config.fresh_process_measurement
+               else partial(api.measure, flops=False))
+    return measure(path, batch=config.batch, seq=config.seq, threads=threads, runs=config.runs,
+                   device="cpu")["latency_ms_p50"]
+
+
+def side_by_side_timing(paths: dict[str, Path], config: SearchConfig) -> dict[str, Any]:
+    """Re-time the models in interleaved rounds (A B C, A B C, ...) so that load which came and went during a
+    long search hits them alike: the search timed the baseline first and each candidate once, hours apart."""
+    lat: dict[str, list[float]] = {k: [] for k in paths}
+    for _ in range(config.confirm_rounds):
+        for label, path in paths.items():
+            lat[label].append(_latency(path, config))
+    p50 = {k: statistics.median(v) for k, v in lat.items()}
+    base = p50["baseline"]
+    return {"rounds": config.confirm_rounds, "latency_ms": lat, "latency_ms_median": p50,
+            "speedup": {k: base / v for k, v in p50.items()}}
 
 
 def _drop_name(task_type: TaskType) -> str:
@@ -858,6 +887,13 @@ def finish(study, out: Path, task: TaskData, config: SearchConfig, budget: list[
         eval_budget_holds = within_budget(chosen_on_eval, quality_constraints)
         confirmation["quality_drop_on_eval"] = chosen_on_eval.value("quality_drop")
         confirmation["budget_holds_on_eval"] = eval_budget_holds
+        if config.confirm_rounds:
+            log(f"re-timing the baseline, its ORT int8 and the chosen point side by side ({config.confirm_rounds} "
+                "rounds)")
+            paths = {"baseline": teacher_path, "chosen": Path(chosen.path)}
+            if ort_ref is not None:
+                paths["ort_int8_baseline"] = Path(ort_ref.path)
+            confirmation["timing"] = side_by_side_timing(paths, config)
         best = out / "best"
         report.deliver_best(chosen, best, task, confirmation, config, model=model, data=task.source)
     summary = {

@@ -70,3 +70,15 @@ def test_count_flops_returns_none_when_uncountable():
             raise RuntimeError("no kernel")
 
     assert count_flops(Weird(), {"input_ids": torch.zeros(1, 1, dtype=torch.long)}) is None
+
+
+def test_fresh_process_measurement_with_and_without_throughput(tmp_path):
+    from slimformer import api
+
+    path = tmp_path / "tiny"
+    models.save(tiny_bert(), path)
+    full = api.measure_fresh(path, batch=1, seq=16, threads=1, runs=30, warmup=1, throughput_batch=4, device="cpu")
+    assert full["latency_ms_p50"] > 0 and full["throughput_batch_per_s"] > 0 and full["throughput_batch"] == 4
+    latency_only = api.measure_fresh(path, batch=1, seq=16, threads=1, runs=30, warmup=1, throughput_batch=None,
+                                     device="cpu")
+    assert latency_only["latency_ms_p50"] > 0 and "throughput_batch_per_s" not in latency_only

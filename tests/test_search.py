@@ -46,6 +46,16 @@ def test_search_delivers_front_choice_confirmation_and_report(setup):
     # The fp32 reference is the baseline itself: measured once, so its speed-up is exactly 1.
     base = next(c for c in summary["candidates"] if c["name"] == "d2-h0-f0-v0-fp32")
     assert base["measurements"]["speedup"]["value"] == 1.0
+    # The three compared models are re-timed side by side at the end, each once per round, and reported.
+    timing = conf["timing"]
+    assert timing["rounds"] == 3 and set(timing["latency_ms"]) == {"baseline", "ort_int8_baseline", "chosen"}
+    assert all(len(v) == 3 and min(v) > 0 for v in timing["latency_ms"].values())
+    assert timing["speedup"]["baseline"] == 1.0
+    assert timing["speedup"]["chosen"] == pytest.approx(
+        timing["latency_ms_median"]["baseline"] / timing["latency_ms_median"]["chosen"])
+    report = (root / "out" / "report.md").read_text()
+    assert "speed-up, side by side" in report and f"{timing['speedup']['chosen']:.2f}x" in report
+    assert "re-timed side by side" in (root / "out" / "best" / "README.md").read_text()
 
 
 def test_bad_space_and_budget(setup):
