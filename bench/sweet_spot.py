@@ -55,9 +55,9 @@ def main(default_data: str, default_teacher: str, default_out: str, targets: dic
     ref_fp32, ref_int8 = summary["references"][0], summary["references"][1]
     keys = {"baseline fp32 (PyTorch)": "baseline", "baseline ORT dynamic int8": "ort_int8_baseline",
             "chosen": "chosen"}
-    sizes = {"baseline fp32 (PyTorch)": by_name[ref_fp32], "baseline ORT dynamic int8": by_name[ref_int8],
-             "chosen": chosen}
-    sizes = {k: c["measurements"]["size_mb"]["value"] for k, c in sizes.items()}
+    compared = {"baseline fp32 (PyTorch)": by_name[ref_fp32], "baseline ORT dynamic int8": by_name[ref_int8],
+                "chosen": chosen}
+    sizes = {k: c["measurements"]["size_mb"]["value"] for k, c in compared.items()}
     timing = summary["confirmation"]["timing"]
     lat = {label: timing["latency_ms"][key] for label, key in keys.items()}
     conf = summary["confirmation"]

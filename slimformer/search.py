@@ -37,7 +37,6 @@ import time
 import warnings
 from collections.abc import Sequence
 from enum import StrEnum
-from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -301,32 +300,24 @@ def _quality(path: Path, task: TaskData, split: str, bootstrap: int, threads: in
     return evaluate(runner, tokenizer, task, split, bootstrap=bootstrap)
 
 
-def _cost(path: Path, config: SearchConfig) -> dict[str, Any]:
-    """The cost card of a candidate, measured in a fresh process with the protocol of ``slimformer measure``."""
+def _cost(path: Path, config: SearchConfig, throughput: bool = True) -> dict[str, Any]:
+    """The cost card of a candidate, measured in a fresh process with the protocol of ``slimformer measure``
+    (``throughput=False``: latency only, for re-timing)."""
     from slimformer import api
 
     threads = config.threads or torch.get_num_threads()
+    tb = config.throughput_batch if throughput else None
     # On the CPU even where there is a GPU: candidates include CPU-only backends (ONNX Runtime, dynamic int8),
     # and they only compare when measured on one device.
     if config.fresh_process_measurement:
         return api.measure_fresh(path, batch=config.batch, seq=config.seq, threads=threads, runs=config.runs,
-                                 throughput_batch=config.throughput_batch, device="cpu")
+                                 throughput_batch=tb, device="cpu")
     card = api.measure(path, batch=config.batch, seq=config.seq, threads=threads, runs=config.runs, flops=False,
                        device="cpu")
-    card["throughput_batch_per_s"] = api.measure(path, batch=config.throughput_batch, seq=config.seq, threads=threads,
-                                                 runs=30, warmup=2, flops=False, device="cpu")["throughput_per_s"]
+    if tb is not None:
+        card["throughput_batch_per_s"] = api.measure(path, batch=tb, seq=config.seq, threads=threads, runs=30,
+                                                     warmup=2, flops=False, device="cpu")["throughput_per_s"]
     return card
-
-
-def _latency(path: Path, config: SearchConfig) -> float:
-    """p50 latency of one model at the search's batch and sequence length, measured as ``_cost`` does."""
-    from slimformer import api
-
-    threads = config.threads or torch.get_num_threads()
-    measure = (partial(api.measure_fresh, throughput_batch=None) if config.fresh_process_measurement
-               else partial(api.measure, flops=False))
-    return measure(path, batch=config.batch, seq=config.seq, threads=threads, runs=config.runs,
-                   device="cpu")["latency_ms_p50"]
 
 
 def side_by_side_timing(paths: dict[str, Path], config: SearchConfig) -> dict[str, Any]:
@@ -335,7 +326,7 @@ def side_by_side_timing(paths: dict[str, Path], config: SearchConfig) -> dict[st
     lat: dict[str, list[float]] = {k: [] for k in paths}
     for _ in range(config.confirm_rounds):
         for label, path in paths.items():
-            lat[label].append(_latency(path, config))
+            lat[label].append(_cost(path, config, throughput=False)["latency_ms_p50"])
     p50 = {k: statistics.median(v) for k, v in lat.items()}
     base = p50["baseline"]
     return {"rounds": config.confirm_rounds, "latency_ms": lat, "latency_ms_median": p50,
