@@ -384,6 +384,9 @@ def search(
     budget: Annotated[str, typer.Option(help="constraints, e.g. 'accuracy_drop<=1.0,latency_ms<=5'")] = (
         "quality_drop<=1.0"),
     objective: Annotated[str, typer.Option(help="latency | size | throughput | memory")] = "latency",
+    confidence: Annotated[float | None, typer.Option(
+        help="hold quality-drop limits at this confidence (e.g. 0.9): a candidate qualifies when the upper bound "
+             "of its drop, a paired bootstrap on the tuning split, is within the budget")] = None,
     trials: Annotated[int, typer.Option(help="candidates to evaluate (references included)")] = 30,
     time_budget: Annotated[str | None, typer.Option("--time-budget", help="stop new candidates after e.g. 45m")] = None,
     strategy: Annotated[str, typer.Option(help="tpe | nsga2 | random | grid")] = "tpe",
@@ -413,7 +416,7 @@ def search(
 
     parse_budget(budget.replace("quality_drop", "accuracy_drop"))  # fail on a bad budget before any work
     space_cfg = SearchSpace.from_yaml(space) if space is not None else SearchSpace()
-    cfg = _config(SearchConfig, objective=objective, budget=budget, trials=trials,
+    cfg = _config(SearchConfig, objective=objective, budget=budget, confidence=confidence, trials=trials,
                   time_budget_s=_seconds(time_budget), strategy=strategy, storage=storage, batch=batch, seq=seq,
                   threads=threads, seed=seed, students=[str(p) for p in student] if student else None,
                   space=space_cfg)
@@ -472,7 +475,8 @@ def quantize(
     percentile: Annotated[float, typer.Option(help="percentile calibration: share of values covered")] = 99.999,
     outlier_layers: Annotated[str, typer.Option(help="ort-static-int8, FFN down-projections: dynamic | static | "
                                                      "float")] = "dynamic",
-    opset: Annotated[int, typer.Option(help="ort-*: ONNX opset")] = 18,
+    opset: Annotated[int | None, typer.Option(help="ort-*: ONNX opset (default 23, or 18 for rotary-"
+                                                               "embedding models)")] = None,
     qat_target: Annotated[str, typer.Option(help="qat-int8: ort-dynamic-int8 | torch-dynamic-int8")] = (
         "ort-dynamic-int8"),
     epochs: Annotated[float, typer.Option(help="qat-int8: passes over the training data")] = 1.0,
@@ -501,8 +505,8 @@ def quantize(
                   max_train_examples=max_train_examples, seed=seed, warmup_ratio=0.0, evals_per_epoch=2)
     cfg = _config(QuantizeConfig, scheme=scheme, embeddings=embeddings, group_size=group_size, per_channel=per_channel,
                   calibration=calibration, calibration_examples=calibration_examples, percentile=percentile,
-                  outlier_layers=outlier_layers, opset=opset, max_length=max_length, qat_target=qat_target, qat=qat,
-                  qat_teacher_weight=teacher_weight, seed=seed)
+                  outlier_layers=outlier_layers, max_length=max_length, qat_target=qat_target, qat=qat,
+                  qat_teacher_weight=teacher_weight, seed=seed, opset=opset)
     td = None
     if data is not None:
         td = _task_data(data, task, text_column, label_column, labels, eval_split, seed, max_train_examples,
@@ -525,7 +529,8 @@ def export(
     model: ModelOpt = ...,
     fmt: Annotated[str, typer.Option("--format", "-f", help="export format: onnx")] = "onnx",
     out: Annotated[Path | None, typer.Option("--out", "-o", help="output folder (default: <model>-onnx)")] = None,
-    opset: Annotated[int, typer.Option(help="ONNX opset")] = 18,
+    opset: Annotated[int | None, typer.Option(help="ONNX opset (default 23, or 18 for rotary-"
+                                                        "embedding models)")] = None,
     atol: Annotated[float, typer.Option(help="largest logit difference to PyTorch that passes the check")] = 1e-4,
     json_out: JsonOpt = False,
 ) -> None:

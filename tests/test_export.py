@@ -66,7 +66,7 @@ def test_export_folder_is_self_describing_and_evaluates_like_pytorch(saved):
     runner = load_onnx_runner(onnx_dir)
     assert runner.label_names == ["0", "1"] and str(runner.task_type) == "sequence-classification"
     record = models.read_record(onnx_dir)
-    assert record["backend"] == "onnxruntime" and record["onnx"]["export"]["opset"] == 18
+    assert record["backend"] == "onnxruntime" and record["onnx"]["export"]["opset"] == 23
     task = tiny_sst2_task()
     onnx_q = api.evaluate(onnx_dir, task, bootstrap=0)
     torch_q = api.evaluate(src, task, bootstrap=0)

@@ -123,7 +123,8 @@ class QuantizeConfig(BaseModel):
     outlier_layers: OutlierPolicy = Field(
         OutlierPolicy.DYNAMIC, description="ort-static-int8: FFN down-projections, whose GELU inputs have long "
                                            "tails that one calibrated range serves badly: dynamic, static or float")
-    opset: int = Field(18, ge=14, le=23, description="ort-*: ONNX opset of the exported graph")
+    opset: int | None = Field(None, ge=14, le=23, description="ort-*: ONNX opset of the exported graph (default: "
+                               "23, or 18 for rotary-embedding models)")
     max_length: int = Field(128, ge=8, le=8192, description="truncate calibration, training and eval inputs")
     qat_target: QatTarget = Field(QatTarget.ORT_DYNAMIC_INT8,
                                   description="qat-int8: the real int8 scheme the trained model is converted to")
@@ -620,7 +621,15 @@ def quantize_onnx(slim: models.SlimModel, task: TaskData | None, config: Quantiz
     )
     from onnxruntime.quantization import CalibrationMethod as OrtCalibration
 
-    from slimformer.export import _check_batches, _LogitsOnly, check_onnx, export_onnx, model_input_names, quiet
+    from slimformer.export import (
+        _check_batches,
+        _LogitsOnly,
+        check_onnx,
+        export_onnx,
+        model_input_names,
+        quiet,
+        strip_debug_info,
+    )
 
     scheme = config.target
     static = scheme == Scheme.ORT_STATIC_INT8
@@ -687,6 +696,7 @@ def quantize_onnx(slim: models.SlimModel, task: TaskData | None, config: Quantiz
                     info["activations"] = "uint8 per tensor, range taken per batch at run time"
             if token_gather:
                 _int4_gather(out, token_gather)
+        strip_debug_info(out)
         info["quantize_seconds"] = time.time() - t0
     info["quantized_nodes"] = {**counts, "static": len(static_nodes), "dynamic": len(dynamic_nodes)}
     info["embeddings"] = "int8 (Gather)" if embeddings and counts["Gather"] else "float32"
