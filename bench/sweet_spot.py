@@ -31,6 +31,8 @@ def main(default_data: str, default_teacher: str, default_out: str, targets: dic
     ap.add_argument("--time-budget", type=float, default=45 * 60, help="seconds")
     ap.add_argument("--trials", type=int, default=40)
     ap.add_argument("--budget", default="quality_drop<=1.0")
+    ap.add_argument("--confidence", type=float, default=None,
+                    help="hold the quality budget on the upper bound of the drop at this confidence (e.g. 0.9)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--rounds", type=int, default=3, help="interleaved measurement rounds at the end")
     ap.add_argument("--seed", type=int, default=0)
@@ -43,7 +45,8 @@ def main(default_data: str, default_teacher: str, default_out: str, targets: dic
     task = load_task_data(args.data, seed=args.seed)
     teacher = args.teacher if Path(args.teacher).exists() else "minilm"
     cfg = SearchConfig(seed=args.seed, trials=args.trials, time_budget_s=args.time_budget, budget=args.budget,
-                       threads=args.threads, students=args.student, confirm_rounds=args.rounds,
+                       confidence=args.confidence, threads=args.threads, students=args.student,
+                       confirm_rounds=args.rounds,
                        space=SearchSpace.from_yaml(args.space) if args.space else SearchSpace(),
                        finetune=FinetuneConfig(epochs=2, evals_per_epoch=4))
     summary = run_search(teacher, task, cfg, args.out, progress=True, log=lambda m: print(m, file=sys.stderr))
@@ -70,7 +73,10 @@ def main(default_data: str, default_teacher: str, default_out: str, targets: dic
     print(f"\nsweet spot on {args.data} | CPU {hw['cpu']} [{' '.join(hw['cpu_flags'])}] | threads "
           f"{args.threads or 'all'} | search {summary['seconds'] / 60:.1f} min, "
           f"{len(summary['candidates'])} candidates")
-    print(f"chosen: {chosen['name']}")
+    m = chosen["measurements"]
+    bound = m.get("quality_drop_upper")
+    print(f"chosen: {chosen['name']} (tuning drop {m['quality_drop']['value']:+.2f}"
+          + (f", {100 * args.confidence:g}% upper bound {bound['value']:+.2f})" if bound else ")"))
     header = f"{'model':28s} {'eval metric (95% CI)':>26s} {'drop pts':>9s} {'p50 ms':>8s} {'speed-up':>9s} " \
              f"{'size MB':>8s} {'smaller':>8s}"
     print(header)

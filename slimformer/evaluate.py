@@ -82,14 +82,19 @@ def evaluate(
     bootstrap: int = 1000,
     seed: int = 0,
     progress: bool = False,
+    units: bool = False,
 ) -> dict[str, Any]:
     """Score ``runner`` on a split of ``task``. Returns the primary metric, its 95% bootstrap interval,
-    the other metrics and the number of examples."""
+    the other metrics and the number of examples; with ``units``, also the per-example statistics the
+    metric is built from (see ``paired_drop_bound``)."""
     examples = task.split(split)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     if task.type == TaskType.CAUSAL_LM:
-        return perplexity(runner, tokenizer, examples, max_length=max_length, stride=stride,
-                          bootstrap=bootstrap, seed=seed, split=split, batch_size=max(1, batch_size // 8))
+        result = perplexity(runner, tokenizer, examples, max_length=max_length, stride=stride,
+                            bootstrap=bootstrap, seed=seed, split=split, batch_size=max(1, batch_size // 8))
+        if not units:
+            result.pop("units", None)
+        return result
     features = encode(task, examples, tokenizer, max_length=max_length)
     logits = predict(runner, features, batch_size=batch_size, pad_id=pad_id, progress=progress)
 
@@ -99,8 +104,11 @@ def evaluate(
         k = task.num_labels or int(max(gold.max(), pred.max()) + 1)
         scores = classification_scores(pred, gold, k)
         ci = _bootstrap(lambda idx: float((pred[idx] == gold[idx]).mean()), len(gold), bootstrap, seed)
-        return {"metric": "accuracy", "value": scores["accuracy"], "ci95": ci, "n": len(gold), "split": split,
-                "scores": scores}
+        result = {"metric": "accuracy", "value": scores["accuracy"], "ci95": ci, "n": len(gold), "split": split,
+                  "scores": scores}
+        if units:
+            result["units"] = (pred == gold).astype(int).tolist()
+        return result
 
     # Token classification: a word's prediction is the label of its first sub-word; words cut off by
     # truncation are predicted "O" (so they count against recall, as they should).
@@ -123,7 +131,11 @@ def evaluate(
         return 0.0 if t == 0 else float(2 * t / (p + g))
 
     ci = _bootstrap(f1, len(tp), bootstrap, seed)
-    return {"metric": "f1", "value": scores["f1"], "ci95": ci, "n": len(gold_tags), "split": split, "scores": scores}
+    result = {"metric": "f1", "value": scores["f1"], "ci95": ci, "n": len(gold_tags), "split": split,
+              "scores": scores}
+    if units:
+        result["units"] = np.stack([tp, n_pred, n_gold], axis=1).tolist()
+    return result
 
 
 def _entity_counts(gold: list[list[str]], pred: list[list[str]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -196,4 +208,41 @@ def perplexity(runner: Runner, tokenizer, examples: list[dict[str, Any]], *, max
         ci = _bootstrap(lambda idx: math.exp(tok_arr[idx].mean()), len(tok_arr), bootstrap, seed)
     return {"metric": "perplexity", "value": ppl, "ci95": ci, "n": int(cnt_arr.sum()), "split": split,
             "scores": {"perplexity": ppl, "nll_per_token": mean_nll, "windows": len(windows),
-                       "max_length": max_length, "stride": stride, "ci_resamples": ci_unit}}
+                       "max_length": max_length, "stride": stride, "ci_resamples": ci_unit},
+            "units": np.stack([nll_arr, cnt_arr], axis=1).tolist() if ci_unit == "windows" else None}
+
+
+def _drop_statistic(units: np.ndarray, metric: str) -> Callable[[np.ndarray], np.ndarray]:
+    """Metric of each resample (rows of an index matrix) from per-example units."""
+    if metric == "accuracy":
+        return lambda idx: units[idx].mean(axis=1)
+    if metric == "f1":  # units: (true positives, predicted entities, gold entities) per sentence
+        def f1(idx: np.ndarray) -> np.ndarray:
+            sums = units[idx].sum(axis=1)
+            return np.where(sums[:, 0] > 0, 2 * sums[:, 0] / np.maximum(1, sums[:, 1] + sums[:, 2]), 0.0)
+        return f1
+    # perplexity; units: (summed nll, scored tokens) per window
+    return lambda idx: np.exp(units[idx, 0].sum(axis=1) / np.maximum(1, units[idx, 1].sum(axis=1)))
+
+
+def paired_drop_bound(base: dict[str, Any], cand: dict[str, Any], confidence: float, *, rounds: int = 2000,
+                      seed: int = 0) -> float | None:
+    """Upper ``confidence`` bound on the quality drop from ``base`` to ``cand`` (two ``evaluate(...,
+    units=True)`` results on the same split): the drop is recomputed on bootstrap resamples of the examples,
+    the same resample for both models, and its ``confidence`` quantile returned. Pairing matters: the two
+    models are right and wrong on mostly the same examples, so the drop varies far less than either score.
+
+    Drop in the units ``search`` uses: points of accuracy or F1 lost, or percent of perplexity gained.
+    None when either result lacks units or they cover different examples."""
+    bu, cu = base.get("units"), cand.get("units")
+    if bu is None or cu is None or len(bu) != len(cu) or not bu or base["metric"] != cand["metric"]:
+        return None
+    metric = base["metric"]
+    b_stat, c_stat = _drop_statistic(np.asarray(bu, float), metric), _drop_statistic(np.asarray(cu, float), metric)
+    rng = np.random.default_rng(seed)
+    drops = []
+    for _ in range(0, rounds, 250):  # in chunks: an index matrix of 2000 x 3000 examples is 48 MB
+        idx = rng.integers(0, len(bu), (min(250, rounds - len(drops) * 250), len(bu)))
+        b, c = b_stat(idx), c_stat(idx)
+        drops.append(100 * (c / b - 1) if metric == "perplexity" else 100 * (b - c))
+    return float(np.quantile(np.concatenate(drops), confidence))

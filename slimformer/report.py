@@ -28,15 +28,25 @@ def _is_lm(summary: dict[str, Any]) -> bool:
 
 def _columns(summary: dict[str, Any]) -> list[tuple[str, str, str]]:
     """The table columns; a language model's quality is perplexity (lower is better), its drop a % increase."""
-    if not _is_lm(summary):
-        return COLUMNS
-    return [("quality", "perplexity (tuning)", "{:.2f}"), ("quality_drop", "perplexity +%", "{:+.2f}")] + COLUMNS[2:]
+    columns = COLUMNS if not _is_lm(summary) else [("quality", "perplexity (tuning)", "{:.2f}"),
+                                                   ("quality_drop", "perplexity +%", "{:+.2f}")] + COLUMNS[2:]
+    if summary.get("confidence") is not None:  # the bound the budget was held on, beside the measured drop
+        bound = ("quality_drop_upper", f"drop bound ({100 * summary['confidence']:g}%)", "{:+.2f}")
+        columns = [*columns[:2], bound, *columns[2:]]
+    return columns
 
 
 def _drop_words(summary: dict[str, Any], value: float) -> str:
     if _is_lm(summary):
         return f"its perplexity changes by {value:+.2f}% against the baseline's"
     return f"its quality drop is {value:+.2f} points"
+
+
+def _confidence_words(summary: dict[str, Any]) -> str:
+    if summary.get("confidence") is None:
+        return ""
+    return (f", quality drop held at {100 * summary['confidence']:g}% confidence (upper bound of a paired "
+            "bootstrap against the baseline on the tuning split)")
 
 
 def _fmt(c: Candidate, key: str, pattern: str) -> str:
@@ -194,6 +204,8 @@ def reproduce_command(config, model: str, data: str, out: str) -> str:
              "--budget", config.budget, "--trials", str(config.trials), "--seed", str(config.seed), "--out", out]
     if config.time_budget_s:
         parts += ["--time-budget", f"{int(config.time_budget_s)}s"]
+    if config.confidence is not None:
+        parts += ["--confidence", f"{config.confidence:g}"]
     for student in config.students:
         parts += ["--student", student]
     return shlex.join(parts)
@@ -221,7 +233,8 @@ def write_report(out: Path, summary: dict[str, Any], config, *, model: str) -> P
     md = "\n\n".join([
         "# slimformer search report",
         f"Model `{model}`, task {summary['task']['type']}, data `{summary['task']['source']}`; objective "
-        f"**{summary['objective']}**, budget `{', '.join(summary['budget'])}`; {len(summary['candidates'])} "
+        f"**{summary['objective']}**, budget `{', '.join(summary['budget'])}`"
+        f"{_confidence_words(summary)}; {len(summary['candidates'])} "
         f"candidates ({summary.get('failed_trials', 0)} failed trials) in {summary['seconds'] / 60:.1f} min.{given}",
         verdict,
         "## Side by side",

@@ -149,6 +149,11 @@ class SearchConfig(BaseModel):
     confirm_rounds: int = Field(3, ge=0, le=20, description="at the end, re-time the baseline, its ORT int8 and "
                                                         "the chosen point in this many interleaved rounds, so the "
                                                         "reported speed-ups share one machine state (0: off)")
+    confidence: float | None = Field(None, ge=0.5, lt=1.0,
+                                     description="hold quality-drop budgets at this confidence, not on the measured "
+                                                 "drop: a candidate qualifies when the upper bound of its drop (a "
+                                                 "paired bootstrap against the baseline on the tuning split) is "
+                                                 "within the budget; e.g. 0.9. None: the measured drop")
     space: SearchSpace = Field(default_factory=SearchSpace, description="what to combine")
     students: list[str] = Field([], description="folders of students distilled already (slimformer distill), at "
                                                 "most one per depth: used as they are instead of distilling one "
@@ -292,12 +297,72 @@ def _building(path: Path):
 # ------------------------------------------------------------------------------------------------------
 
 
-def _quality(path: Path, task: TaskData, split: str, bootstrap: int, threads: int | None) -> dict[str, Any]:
+def _quality(path: Path, task: TaskData, split: str, bootstrap: int, threads: int | None,
+             units: bool = False) -> dict[str, Any]:
     from slimformer.evaluate import evaluate
     from slimformer.export import load_runner
 
     runner, tokenizer = load_runner(path, task, threads=threads)
-    return evaluate(runner, tokenizer, task, split, bootstrap=bootstrap)
+    return evaluate(runner, tokenizer, task, split, bootstrap=bootstrap, units=units)
+
+
+def _tuning_quality(out: Path, name: str, path: Path, task: TaskData, threads: int | None) -> dict[str, Any]:
+    """Quality on the tuning split; the per-example units go to ``units/<name>.json`` beside the study (kept
+    out of the study itself, they are thousands of numbers) for paired bounds at the end."""
+    quality = _quality(path, task, "tuning", 200, threads, units=True)
+    units = out / "units" / f"{name}.json"
+    units.parent.mkdir(exist_ok=True)
+    tmp = units.with_suffix(".tmp")
+    tmp.write_text(json.dumps(quality.pop("units", None)))
+    os.replace(tmp, units)
+    return quality
+
+
+BASELINE_UNITS = "baseline"
+# Budget quantities on the quality drop: with a confidence, they are held on the drop's upper bound.
+DROP_QUANTITIES = ("quality_drop", "accuracy_drop", "f1_drop", "perplexity_increase")
+
+
+def _units(out: Path, name: str, path: Path, task: TaskData, threads: int | None, log) -> dict[str, Any] | None:
+    """A candidate's tuning quality with its units: from ``units/<name>.json``, or measured again where a
+    search made before units were kept lacks them."""
+    f = out / "units" / f"{name}.json"
+    if not f.exists():
+        if not path.exists():
+            return None
+        log(f"scoring {name} on the tuning split again, for its per-example results")
+        _tuning_quality(out, name, path, task, threads)
+    metric, _ = primary_metric(task.type)
+    return {"metric": metric, "units": json.loads(f.read_text())}
+
+
+def with_drop_bounds(candidates: list[Candidate], out: Path, task: TaskData, teacher_path: Path,
+                     confidence: float, threads: int | None, log=print) -> list[Candidate]:
+    """Each candidate with ``quality_drop_upper`` (and the task's ``*_drop_upper``): the ``confidence`` upper
+    bound of its drop against the baseline, from a paired bootstrap over the tuning examples."""
+    from slimformer.evaluate import paired_drop_bound
+
+    base = _units(out, BASELINE_UNITS, teacher_path, task, threads, log)
+    done = []
+    for c in candidates:
+        mine = base if Path(c.path or "") == teacher_path else _units(out, c.name, Path(c.path or ""), task,
+                                                                      threads, log)
+        bound = None if base is None or mine is None else paired_drop_bound(base, mine, confidence)
+        if bound is not None:
+            unit = c.measurements["quality_drop"].unit
+            extra = {f"{q}_upper": measurement(f"{q}_upper", round(bound, 9), unit=unit)
+                     for q in ("quality_drop", _drop_name(task.type))}
+            c = Candidate(**{**vars(c), "measurements": {**c.measurements, **extra}})
+        done.append(c)
+    return done
+
+
+def bounded_budget(budget: list[Constraint], confidence: float | None) -> list[Constraint]:
+    """The budget the choice applies: with a confidence, limits on the quality drop hold on its upper bound."""
+    if confidence is None:
+        return budget
+    return [Constraint(f"{k.quantity}_upper", k.op, k.bound) if k.quantity in DROP_QUANTITIES else k
+            for k in budget]
 
 
 def _cost(path: Path, config: SearchConfig, throughput: bool = True) -> dict[str, Any]:
@@ -689,7 +754,7 @@ def run_search(model: str, task: TaskData, config: SearchConfig, out: str | os.P
             else:
                 t0 = time.time()
                 path = builder.artifact(p)
-                quality = _quality(path, task, "tuning", 200, threads)
+                quality = _tuning_quality(out, key, path, task, threads)
                 card = _cost(path, config)
                 cand = make_candidate(key, p, path, quality, card, baseline, task.type)
                 given = {"student": str(students[p["depth"]])} if p["depth"] in students else {}
@@ -797,7 +862,7 @@ def _baseline(out: Path, teacher_path: Path, task: TaskData, config: SearchConfi
         f = shared if first is None else out / f"baseline-{re.sub(r'[^A-Za-z0-9._-]', '_', me['host'])}.json"
         if f.exists():
             return json.loads(f.read_text())
-        quality = first["quality"] if first else _quality(teacher_path, task, "tuning", 200, threads)
+        quality = first["quality"] if first else _tuning_quality(out, BASELINE_UNITS, teacher_path, task, threads)
         base = {"path": str(teacher_path), "quality": quality, "cost": _cost(teacher_path, config), "measured_on": me}
         _json_dump(f, base)
         return base
@@ -825,7 +890,9 @@ def _measured_here(candidates: list[Candidate], budget: list[Constraint], object
             ci = [q.value - q.spread, q.value + q.spread] if q.spread is not None else [math.nan, math.nan]
             quality = {"value": q.value, "n": q.n, "ci95": ci}
             params = {**c.params, "measured_on": distributed.host(), "first_measured_on": was}
-            cands[c.name] = make_candidate(c.name, params, Path(c.path), quality, card, baseline, task_type)
+            again = make_candidate(c.name, params, Path(c.path), quality, card, baseline, task_type)
+            bounds = {k: m for k, m in c.measurements.items() if k.endswith("_upper")}  # quality: unchanged
+            cands[c.name] = Candidate(**{**vars(again), "measurements": {**again.measurements, **bounds}})
     out = []
     for c in cands.values():
         where = c.params.get("measured_on")
@@ -858,9 +925,13 @@ def finish(study, out: Path, task: TaskData, config: SearchConfig, budget: list[
     if not candidates:
         raise SlimformerError("no candidate finished; look at the errors above, or give the search more time")
     ref_names = [param_key(p) for p in reference_params(_depth_of(teacher_path))]
-    candidates = _measured_here(candidates, budget, objective_q, config, baseline, ref_names[0], task.type, log=log)
+    if config.confidence is not None:
+        candidates = with_drop_bounds(candidates, out, task, teacher_path, config.confidence, threads, log=log)
+    choice_budget = bounded_budget(budget, config.confidence)
+    candidates = _measured_here(candidates, choice_budget, objective_q, config, baseline, ref_names[0], task.type,
+                                log=log)
     front = pareto_front(candidates, [objective_q, "quality"])
-    chosen = choose(candidates, budget, objective_q)
+    chosen = choose(candidates, choice_budget, objective_q)
     references = [c for c in candidates if c.name in ref_names]
 
     confirmation: dict[str, Any] = {}
@@ -891,6 +962,7 @@ def finish(study, out: Path, task: TaskData, config: SearchConfig, budget: list[
         report.deliver_best(chosen, best, task, confirmation, config, model=model, data=task.source)
     summary = {
         "out": str(out), "seconds": seconds, "objective": objective_q, "budget": [str(b) for b in budget],
+        "confidence": config.confidence,
         "candidates": [c.to_dict() for c in candidates], "front": [c.name for c in front],
         "chosen": chosen.to_dict() if chosen else None, "references": [c.name for c in references],
         "baseline": baseline, "confirmation": confirmation, "task": task.describe(),

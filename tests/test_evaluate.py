@@ -3,7 +3,7 @@ import math
 import numpy as np
 import torch
 
-from slimformer.evaluate import _entity_counts, evaluate, perplexity, torch_runner
+from slimformer.evaluate import _entity_counts, evaluate, paired_drop_bound, perplexity, torch_runner
 from slimformer.tasks import TaskData, TaskType, classification_scores, entity_scores
 from slimformer.testing import minilm_tokenizer, tiny_bert, tiny_ner_task, tiny_sst2_task
 
@@ -80,3 +80,54 @@ def test_sliding_window_scores_each_token_once():
     for stride in (8, 16, 32):
         r = evaluate(torch_runner(slim.model), tok, task, max_length=32, stride=stride, bootstrap=5)
         assert r["n"] == n - 1  # every token but the first is predicted exactly once
+
+
+def _acc(correct: list[int]) -> dict:
+    return {"metric": "accuracy", "units": correct}
+
+
+def test_paired_drop_bound_brackets_the_drop_and_pairing_narrows_it():
+    rng = np.random.default_rng(1)
+    base = (rng.random(500) < 0.88).astype(int)
+    cand = base.copy()
+    cand[np.flatnonzero(base)[:10]] = 0  # wrong on 10 examples the baseline gets right: 2 points lost
+    drop = 100 * (base.mean() - cand.mean())
+    assert paired_drop_bound(_acc(base.tolist()), _acc(base.tolist()), 0.9) == 0.0  # the same answers
+    b50, b90, b99 = (paired_drop_bound(_acc(base.tolist()), _acc(cand.tolist()), c) for c in (0.5, 0.9, 0.99))
+    assert abs(b50 - drop) < 0.3 and drop < b90 < b99
+    # Unpaired, the two scores' own spreads would add up: a 90% bound near drop + 1.28 * 2.0 points.
+    # Paired, only the 10 changed answers vary: near drop + 1.28 * 0.63.
+    assert b90 < drop + 1.28 * 1.0
+    # Swapping which examples differ in both directions raises the bound at the same drop.
+    noisy = cand.copy()
+    noisy[np.flatnonzero(base == 0)[:15]] = 1
+    noisy[np.flatnonzero((base == 1) & (cand == 1))[:15]] = 0
+    assert 100 * (base.mean() - noisy.mean()) == drop
+    assert paired_drop_bound(_acc(base.tolist()), _acc(noisy.tolist()), 0.9) > b90
+
+
+def test_paired_drop_bound_for_entity_f1_and_perplexity():
+    tokens = [[1, 1, 1]] * 50 + [[0, 1, 1]] * 50  # F1 0.5
+    worse = [[1, 1, 1]] * 40 + [[0, 1, 1]] * 60  # F1 0.4: 10 points lost
+    f1 = paired_drop_bound({"metric": "f1", "units": tokens}, {"metric": "f1", "units": worse}, 0.5)
+    assert abs(f1 - 10.0) < 1.5
+    ppl = paired_drop_bound({"metric": "perplexity", "units": [[10.0, 10]] * 20},
+                            {"metric": "perplexity", "units": [[11.0, 10]] * 20}, 0.9)
+    assert ppl == 100 * (math.exp(1.1) / math.exp(1.0) - 1)  # every window 0.1 nats worse: no spread
+
+
+def test_paired_drop_bound_needs_units_of_the_same_examples():
+    assert paired_drop_bound(_acc([1, 0]), _acc([1, 0, 1]), 0.9) is None
+    assert paired_drop_bound({"metric": "accuracy"}, _acc([1]), 0.9) is None
+
+
+def test_evaluate_returns_units_only_when_asked():
+    slim, task = tiny_bert(), tiny_sst2_task()
+    r = evaluate(torch_runner(slim.model), slim.tokenizer, task, bootstrap=10)
+    assert "units" not in r
+    r = evaluate(torch_runner(slim.model), slim.tokenizer, task, bootstrap=10, units=True)
+    assert len(r["units"]) == r["n"] and np.mean(r["units"]) == r["value"]
+    slim, task = tiny_bert("token-classification"), tiny_ner_task()
+    r = evaluate(torch_runner(slim.model), slim.tokenizer, task, bootstrap=10, units=True)
+    tp, n_pred, n_gold = np.array(r["units"]).sum(axis=0)
+    assert len(r["units"]) == r["n"] and math.isclose(r["value"], 0.0 if tp == 0 else 2 * tp / (n_pred + n_gold))

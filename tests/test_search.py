@@ -220,6 +220,39 @@ def test_a_drop_of_exactly_the_budget_is_within_it():
     assert not within_budget(over, parse_budget("accuracy_drop<=1.0"))
 
 
+def test_with_a_confidence_the_budget_holds_on_the_paired_bound_of_the_drop(tmp_path):
+    from types import SimpleNamespace
+
+    from slimformer.pareto import choose, parse_budget
+    from slimformer.search import bounded_budget, make_candidate, with_drop_bounds
+    from slimformer.tasks import TaskType
+
+    card = {"latency_ms_p50": 5.0, "latency_ms_p95": 6.0, "runs": 30, "throughput_batch_per_s": 10.0,
+            "size_bytes": 1_000_000, "peak_rss_mb": 100.0}
+    base_units = [1] * 440 + [0] * 60  # 0.88 on 500 tuning examples
+    baseline = {"quality": {"value": 0.88}, "cost": {**card, "latency_ms_p50": 50.0, "size_bytes": 90_000_000}}
+    # Both lose 0.8 points. "steady" differs from the baseline on 4 answers; "shaky" on 44 (20 won, 24 lost).
+    steady = [1] * 436 + [0] * 64
+    shaky = [1] * 416 + [0] * 24 + [1] * 20 + [0] * 40
+    units = tmp_path / "units"
+    units.mkdir()
+    for name, u in (("baseline", base_units), ("steady", steady), ("shaky", shaky)):
+        (units / f"{name}.json").write_text(json.dumps(u))
+    teacher = tmp_path / "teacher"
+    cands = [make_candidate(name, {}, tmp_path / name, {"value": sum(u) / 500, "n": 500},
+                            {**card, "latency_ms_p50": t}, baseline, TaskType.SEQUENCE_CLASSIFICATION)
+             for name, u, t in (("steady", steady, 8.0), ("shaky", shaky, 4.0))]
+    budget = parse_budget("accuracy_drop<=2.0")
+    assert choose(cands, bounded_budget(budget, None), "latency_ms").name == "shaky"  # on the measured drop
+    bounded = with_drop_bounds(cands, tmp_path, SimpleNamespace(type=TaskType.SEQUENCE_CLASSIFICATION), teacher,
+                               0.9, 1, log=lambda m: None)
+    bound = {c.name: c.value("accuracy_drop_upper") for c in bounded}
+    # Resampled, steady loses about 4 +- 2 answers (90% bound ~1.4 points), shaky 4 +- 6.6 (~2.5 points).
+    assert 0.8 < bound["steady"] < 1.8 and bound["shaky"] > 2.0
+    assert [str(k) for k in bounded_budget(budget, 0.9)] == ["accuracy_drop_upper<=2"]
+    assert choose(bounded, bounded_budget(budget, 0.9), "latency_ms").name == "steady"
+
+
 def test_seeds_sit_at_the_given_students_depths():
     from slimformer.search import seed_params
 
