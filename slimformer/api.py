@@ -134,7 +134,7 @@ def _default_task(path: str) -> str:
 
 
 _CHILD = """
-import json, resource, sys
+import json, sys
 import onnxruntime, transformers, torch  # imported before the baseline memory reading
 from slimformer import api, measure
 kw = json.loads(sys.argv[2])
@@ -145,7 +145,7 @@ if tb is not None:
     card["throughput_batch_per_s"] = api.measure(sys.argv[1], **{**kw, "batch": tb, "runs": 30, "warmup": 2,
                                                                 "flops": False})["throughput_per_s"]
     card["throughput_batch"] = tb
-card["process_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+card["process_peak_rss_mb"] = measure.peak_rss_mb()
 card["model_memory_mb"] = card["process_peak_rss_mb"] - rss0 / 2**20
 print("SLIMFORMER-CARD " + json.dumps(card, default=str))
 """

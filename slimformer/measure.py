@@ -55,6 +55,22 @@ def supports_fast_bf16() -> bool:
     return bool(flags & {"amx_bf16", "avx512_bf16"})
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory in MB. On Linux from ``VmHWM``, the high-water mark of the process's
+    own address space: ``getrusage``'s ``ru_maxrss`` survives ``execve``, so a child started by a big process
+    (a search holding a teacher and its students, 2.4 GB) reported the parent's peak as its own."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux; no exec issue elsewhere
+
+
 def dummy_batch(tokenizer, batch: int, seq: int, seed: int = 0) -> dict[str, torch.Tensor]:
     """A batch of ordinary (non-special, non-padding) token ids: every position is real work."""
     g = torch.Generator().manual_seed(seed)

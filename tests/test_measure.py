@@ -82,3 +82,19 @@ def test_fresh_process_measurement_with_and_without_throughput(tmp_path):
     latency_only = api.measure_fresh(path, batch=1, seq=16, threads=1, runs=30, warmup=1, throughput_batch=None,
                                      device="cpu")
     assert latency_only["latency_ms_p50"] > 0 and "throughput_batch_per_s" not in latency_only
+
+
+def test_fresh_process_memory_is_the_child_own_not_its_parents(tmp_path):
+    """A search process holding a teacher and students started each fresh measurement; getrusage's peak
+    survives exec, so every candidate reported the search's 2.4 GB as its own memory."""
+    import numpy as np
+
+    from slimformer import api
+
+    path = tmp_path / "tiny"
+    models.save(tiny_bert(), path)
+    ballast = np.ones(100 * 2**20)  # 800 MB, touched, held by this (the parent) process
+    card = api.measure_fresh(path, batch=1, seq=16, threads=1, runs=30, warmup=1, throughput_batch=None,
+                             device="cpu")
+    assert ballast[-1] == 1.0
+    assert card["process_peak_rss_mb"] < 700 and 0 < card["model_memory_mb"] < 200
