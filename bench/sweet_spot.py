@@ -93,6 +93,9 @@ def main(default_data: str, default_teacher: str, default_out: str, targets: dic
     c, o = rows["chosen"], rows["baseline ORT dynamic int8"]
     dominates = (c["p50_ms"] <= o["p50_ms"] and c["size_mb"] <= o["size_mb"] and c["quality"] >= o["quality"]
                  and (c["p50_ms"] < o["p50_ms"] or c["size_mb"] < o["size_mb"] or c["quality"] > o["quality"]))
+    ci = summary["confirmation"].get("quality_drop_on_eval_ci95")
+    if ci:
+        print(f"chosen's drop on eval, paired 95% interval: {ci[0]:+.2f} to {ci[1]:+.2f}")
     print(f"chosen Pareto-dominates ORT int8 of the baseline (latency, size, eval quality): {dominates}")
     verdicts = {
         "speed-up": (c["speedup"], targets["speedup"], c["speedup"] >= targets["speedup"]),

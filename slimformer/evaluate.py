@@ -8,7 +8,7 @@ Runtime sessions are all scored by the same code, so their numbers are comparabl
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -225,24 +225,32 @@ def _drop_statistic(units: np.ndarray, metric: str) -> Callable[[np.ndarray], np
     return lambda idx: np.exp(units[idx, 0].sum(axis=1) / np.maximum(1, units[idx, 1].sum(axis=1)))
 
 
-def paired_drop_bound(base: dict[str, Any], cand: dict[str, Any], confidence: float, *, rounds: int = 2000,
-                      seed: int = 0) -> float | None:
-    """Upper ``confidence`` bound on the quality drop from ``base`` to ``cand`` (two ``evaluate(...,
-    units=True)`` results on the same split): the drop is recomputed on bootstrap resamples of the examples,
-    the same resample for both models, and its ``confidence`` quantile returned. Pairing matters: the two
-    models are right and wrong on mostly the same examples, so the drop varies far less than either score.
-
-    Drop in the units ``search`` uses: points of accuracy or F1 lost, or percent of perplexity gained.
-    None when either result lacks units or they cover different examples."""
+def paired_drop_quantiles(base: dict[str, Any], cand: dict[str, Any], quantiles: Sequence[float], *,
+                          rounds: int = 2000, seed: int = 0) -> list[float] | None:
+    """Quantiles of the quality drop from ``base`` to ``cand`` (two ``evaluate(..., units=True)`` results on
+    the same split) over bootstrap resamples of the examples, the same resample for both models. Pairing
+    matters: the two models are right and wrong on mostly the same examples, so the drop varies far less
+    than either score. Drop in the units ``search`` uses: points of accuracy or F1 lost, or percent of
+    perplexity gained. None when either result lacks units or they cover different examples."""
     bu, cu = base.get("units"), cand.get("units")
     if bu is None or cu is None or len(bu) != len(cu) or not bu or base["metric"] != cand["metric"]:
         return None
     metric = base["metric"]
     b_stat, c_stat = _drop_statistic(np.asarray(bu, float), metric), _drop_statistic(np.asarray(cu, float), metric)
     rng = np.random.default_rng(seed)
-    drops = []
-    for _ in range(0, rounds, 250):  # in chunks: an index matrix of 2000 x 3000 examples is 48 MB
-        idx = rng.integers(0, len(bu), (min(250, rounds - len(drops) * 250), len(bu)))
+    drops: list[np.ndarray] = []
+    done = 0
+    while done < rounds:  # in chunks: an index matrix of 2000 x 3000 examples is 48 MB
+        idx = rng.integers(0, len(bu), (min(250, rounds - done), len(bu)))
         b, c = b_stat(idx), c_stat(idx)
         drops.append(100 * (c / b - 1) if metric == "perplexity" else 100 * (b - c))
-    return float(np.quantile(np.concatenate(drops), confidence))
+        done += len(idx)
+    return [float(q) for q in np.quantile(np.concatenate(drops), list(quantiles))]
+
+
+def paired_drop_bound(base: dict[str, Any], cand: dict[str, Any], confidence: float, *, rounds: int = 2000,
+                      seed: int = 0) -> float | None:
+    """Upper ``confidence`` bound on the quality drop from ``base`` to ``cand``: the ``confidence`` quantile of
+    ``paired_drop_quantiles``. None when either result lacks units or they cover different examples."""
+    q = paired_drop_quantiles(base, cand, [confidence], rounds=rounds, seed=seed)
+    return None if q is None else q[0]

@@ -42,6 +42,11 @@ def _drop_words(summary: dict[str, Any], value: float) -> str:
     return f"its quality drop is {value:+.2f} points"
 
 
+def _drop_interval(conf: dict[str, Any]) -> str:
+    ci = conf.get("quality_drop_on_eval_ci95")
+    return "" if not ci else f" (paired 95% interval {ci[0]:+.2f} to {ci[1]:+.2f})"
+
+
 def _confidence_words(summary: dict[str, Any]) -> str:
     if summary.get("confidence") is None:
         return ""
@@ -222,7 +227,8 @@ def write_report(out: Path, summary: dict[str, Any], config, *, model: str) -> P
     if chosen:
         holds = conf.get("budget_holds_on_eval")
         verdict = (f"Chosen: `{chosen['name']}`. On the eval split ({summary['task']['eval_source']}), which "
-                   f"training and search never saw, {_drop_words(summary, conf.get('quality_drop_on_eval', 0))}: "
+                   f"training and search never saw, {_drop_words(summary, conf.get('quality_drop_on_eval', 0))}"
+                   f"{_drop_interval(conf)}: "
                    f"the budget **{'holds' if holds else 'does NOT hold'}** there.")
     else:
         verdict = "No candidate met the budget on the tuning split. The frontier below shows what is reachable."
@@ -313,7 +319,8 @@ def model_card(chosen: Candidate, confirmation: dict[str, Any], config, *, model
         f"(95% CI {ev.get('ci95', [0, 0])[0]:.4f}–{ev.get('ci95', [0, 0])[1]:.4f}, n={ev.get('n')}) |",
         f"| baseline eval {base.get('metric', 'metric')} | {base.get('value', float('nan')):.4f} |",
         f"| quality drop on eval | {confirmation.get('quality_drop_on_eval', float('nan')):+.2f} "
-        f"{'% (perplexity increase)' if ev.get('metric') == 'perplexity' else 'points'} |",
+        f"{'% (perplexity increase)' if ev.get('metric') == 'perplexity' else 'points'}"
+        f"{_drop_interval(confirmation)} |",
         f"| p50 latency (b{config.batch}, s{config.seq}) | {m['latency_ms'].value:.2f} ms |",
         f"| speed-up vs fp32 | {m['speedup'].value:.2f}x |" if "speedup" in m else "",
         f"| speed-up vs fp32, re-timed side by side ({confirmation['timing']['rounds']} interleaved rounds) | "

@@ -919,6 +919,7 @@ def finish(study, out: Path, task: TaskData, config: SearchConfig, budget: list[
            students: dict[int, Path] | None = None) -> dict[str, Any]:
     """Frontier, choice under the budget, confirmation on the eval split, export and report."""
     from slimformer import report
+    from slimformer.evaluate import paired_drop_quantiles
 
     objective_q = OBJECTIVES[config.objective]
     candidates = collect(study)
@@ -938,9 +939,12 @@ def finish(study, out: Path, task: TaskData, config: SearchConfig, budget: list[
     eval_budget_holds = None
     if chosen is not None:
         log(f"chosen: {chosen.name}; confirming on the eval split ({task.eval_source})")
-        base_eval = _quality(teacher_path, task, "eval", 1000, threads)
-        chosen_eval = _quality(Path(chosen.path), task, "eval", 1000, threads)
-        confirmation = {"baseline": base_eval, "chosen": chosen_eval}
+        base_eval = _quality(teacher_path, task, "eval", 1000, threads, units=True)
+        chosen_eval = _quality(Path(chosen.path), task, "eval", 1000, threads, units=True)
+        # The drop's own interval: paired over the eval examples, far narrower than the two scores' intervals.
+        drop_ci = paired_drop_quantiles(base_eval, chosen_eval, (0.025, 0.975))
+        base_eval.pop("units", None), chosen_eval.pop("units", None)
+        confirmation = {"baseline": base_eval, "chosen": chosen_eval, "quality_drop_on_eval_ci95": drop_ci}
         ort_ref = next((c for c in references if c.params.get("precision") == Precision.ORT_INT8.value), None)
         if ort_ref is not None:
             confirmation["ort_int8_baseline"] = _quality(Path(ort_ref.path), task, "eval", 1000, threads)

@@ -40,6 +40,8 @@ def test_search_delivers_front_choice_confirmation_and_report(setup):
     assert chosen is not None and chosen["measurements"]["accuracy_drop"]["value"] <= 5
     conf = summary["confirmation"]
     assert conf["chosen"]["split"] == "eval" and "budget_holds_on_eval" in conf
+    lo, hi = conf["quality_drop_on_eval_ci95"]  # paired over the eval examples; per-example results not kept
+    assert lo <= conf["quality_drop_on_eval"] <= hi and "units" not in conf["chosen"]
     for f in ("report.md", "report.html", "pareto.png", "summary.json", "best/README.md", "best/slimformer.json"):
         assert (root / "out" / f).exists(), f
     assert "data:image/png;base64," in (root / "out" / "report.html").read_text()
