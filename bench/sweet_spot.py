@@ -33,6 +33,8 @@ def main(default_data: str, default_teacher: str, default_out: str, targets: dic
     ap.add_argument("--budget", default="quality_drop<=1.0")
     ap.add_argument("--confidence", type=float, default=None,
                     help="hold the quality budget on the upper bound of the drop at this confidence (e.g. 0.9)")
+    ap.add_argument("--tuning-split", default=None, choices=["carve", "dev"],
+                    help="tune on a share carved from train (default) or on the dev file (test is then the eval)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--rounds", type=int, default=3, help="interleaved measurement rounds at the end")
     ap.add_argument("--seed", type=int, default=0)
@@ -42,7 +44,7 @@ def main(default_data: str, default_teacher: str, default_out: str, targets: dic
                     help="search-space settings, as for slimformer search --space")
     args = ap.parse_args()
 
-    task = load_task_data(args.data, seed=args.seed)
+    task = load_task_data(args.data, seed=args.seed, tuning_split=args.tuning_split)
     teacher = args.teacher if Path(args.teacher).exists() else "minilm"
     cfg = SearchConfig(seed=args.seed, trials=args.trials, time_budget_s=args.time_budget, budget=args.budget,
                        confidence=args.confidence, threads=args.threads, students=args.student,

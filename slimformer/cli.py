@@ -37,6 +37,9 @@ TextColOpt = Annotated[str | None, typer.Option("--text-column", help="text colu
 LabelColOpt = Annotated[str | None, typer.Option("--label-column", help="label column of tsv/csv/jsonl data")]
 LabelsOpt = Annotated[str | None, typer.Option("--labels", help="declared label set, comma-separated")]
 EvalSplitOpt = Annotated[str | None, typer.Option("--eval-split", help="held-out file to score: test or dev")]
+TuningSplitOpt = Annotated[str | None, typer.Option(
+    "--tuning-split", help="where the tuning split (checkpoint choice, search) comes from: carve (a share of "
+                           "train, the default) or dev (the dev file, when test is the eval split)")]
 OutOpt = Annotated[Path, typer.Option("--out", "-o", help="output folder (written atomically)")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print machine-readable JSON on stdout")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="random seed")]
@@ -53,7 +56,8 @@ PrecisionOpt = Annotated[str, typer.Option("--precision", help="auto (bf16 where
 
 def _task_data(data: str, task: str | None, text_column: str | None, label_column: str | None,
                labels: str | None, eval_split: str | None = None, seed: int = 0,
-               max_train_examples: int | None = None, max_eval_examples: int | None = None):
+               max_train_examples: int | None = None, max_eval_examples: int | None = None, *,
+               tuning_split: str | None = None):
     from slimformer.tasks import TaskType, load_task_data
 
     if task is not None:
@@ -64,7 +68,7 @@ def _task_data(data: str, task: str | None, text_column: str | None, label_colum
     label_list = [x.strip() for x in labels.split(",")] if labels else None
     return load_task_data(data, task, text_column=text_column, label_column=label_column, labels=label_list,
                           eval_split=eval_split, seed=seed, max_train_examples=max_train_examples,
-                          max_eval_examples=max_eval_examples)
+                          max_eval_examples=max_eval_examples, tuning_split=tuning_split)
 
 
 def _config(cls, **values: Any):
@@ -126,6 +130,7 @@ def finetune(
     label_column: LabelColOpt = None,
     labels: LabelsOpt = None,
     eval_split: EvalSplitOpt = None,
+    tuning_split: TuningSplitOpt = None,
     seed: SeedOpt = 0,
     json_out: JsonOpt = False,
 ) -> None:
@@ -136,7 +141,7 @@ def finetune(
 
     check_out_dir(out)
     td = _task_data(data, task, text_column, label_column, labels, eval_split, seed, max_train_examples,
-                    max_eval_examples)
+                    max_eval_examples, tuning_split=tuning_split)
     cfg = _config(FinetuneConfig, method=method, top_k=top_k, lora_r=lora_r, epochs=epochs, learning_rate=lr,
                   batch_size=batch_size, max_length=max_length, evals_per_epoch=evals_per_epoch,
                   precision=precision, report_to=report_to or [], seed=seed, max_train_examples=max_train_examples)
@@ -173,6 +178,7 @@ def distill(
     label_column: LabelColOpt = None,
     labels: LabelsOpt = None,
     eval_split: EvalSplitOpt = None,
+    tuning_split: TuningSplitOpt = None,
     seed: SeedOpt = 0,
     json_out: JsonOpt = False,
 ) -> None:
@@ -188,7 +194,7 @@ def distill(
     except ValueError:
         raise SlimformerError(f"--layers {layers!r} is neither a depth nor a list; write e.g. 3 or 0,2,4") from None
     td = _task_data(data, task, text_column, label_column, labels, eval_split, seed, max_train_examples,
-                    max_eval_examples)
+                    max_eval_examples, tuning_split=tuning_split)
     cfg = _config(DistillConfig, num_layers=depth, layers=layer_list, alpha=alpha, temperature=temperature,
                   hidden_weight=hidden_weight, attention_weight=attention_weight, cache_teacher=cache_teacher,
                   augment=augment, transfer_text=str(transfer_text) if transfer_text else None,
@@ -213,6 +219,7 @@ def evaluate(
     label_column: LabelColOpt = None,
     labels: LabelsOpt = None,
     eval_split: EvalSplitOpt = None,
+    tuning_split: TuningSplitOpt = None,
     max_eval_examples: MaxEvalOpt = None,
     seed: SeedOpt = 0,
     json_out: JsonOpt = False,
@@ -221,7 +228,7 @@ def evaluate(
     from slimformer import api
 
     td = _task_data(data, task, text_column, label_column, labels, eval_split, seed,
-                    max_eval_examples=max_eval_examples)
+                    max_eval_examples=max_eval_examples, tuning_split=tuning_split)
     with _stdout_for(json_out):
         result = api.evaluate(model, td, split=split, batch_size=batch_size, max_length=max_length,
                               bootstrap=bootstrap, progress=not json_out)
@@ -330,6 +337,7 @@ def prune(
     label_column: LabelColOpt = None,
     labels: LabelsOpt = None,
     eval_split: EvalSplitOpt = None,
+    tuning_split: TuningSplitOpt = None,
     seed: SeedOpt = 0,
     json_out: JsonOpt = False,
 ) -> None:
@@ -350,7 +358,8 @@ def prune(
                   unstructured=unstructured,
                   unstructured_scope=unstructured_scope, epochs=epochs, learning_rate=lr, batch_size=batch_size,
                   max_length=max_length, precision=precision, max_train_examples=max_train_examples, seed=seed)
-    td = _task_data(data, task, text_column, label_column, labels, eval_split, seed, None, max_eval_examples)
+    td = _task_data(data, task, text_column, label_column, labels, eval_split, seed, None, max_eval_examples,
+                    tuning_split=tuning_split)
     with _stdout_for(json_out):
         result = prune_job(model, td, cfg, out, progress=not json_out)
     if not json_out:
@@ -405,6 +414,7 @@ def search(
     label_column: LabelColOpt = None,
     labels: LabelsOpt = None,
     eval_split: EvalSplitOpt = None,
+    tuning_split: TuningSplitOpt = None,
     seed: SeedOpt = 0,
     json_out: JsonOpt = False,
 ) -> None:
@@ -420,7 +430,8 @@ def search(
                   time_budget_s=_seconds(time_budget), strategy=strategy, storage=storage, batch=batch, seq=seq,
                   threads=threads, seed=seed, students=[str(p) for p in student] if student else None,
                   space=space_cfg)
-    td = _task_data(data, task, text_column, label_column, labels, eval_split, seed, max_train_examples)
+    td = _task_data(data, task, text_column, label_column, labels, eval_split, seed, max_train_examples,
+                    tuning_split=tuning_split)
     with _stdout_for(json_out):
         summary = run_search(model, td, cfg, out, worker=worker, progress=not json_out,
                              log=lambda msg: console.print(msg, highlight=False))
@@ -491,6 +502,7 @@ def quantize(
     label_column: LabelColOpt = None,
     labels: LabelsOpt = None,
     eval_split: EvalSplitOpt = None,
+    tuning_split: TuningSplitOpt = None,
     seed: SeedOpt = 0,
     json_out: JsonOpt = False,
 ) -> None:
@@ -510,7 +522,7 @@ def quantize(
     td = None
     if data is not None:
         td = _task_data(data, task, text_column, label_column, labels, eval_split, seed, max_train_examples,
-                        max_eval_examples)
+                        max_eval_examples, tuning_split=tuning_split)
     elif cfg.needs_data:
         raise SlimformerError(f"scheme {scheme} needs task data (calibration or training); pass --data")
     with _stdout_for(json_out):

@@ -204,13 +204,15 @@ def pareto_plot(summary: dict[str, Any], path: Path) -> Path:
     return path
 
 
-def reproduce_command(config, model: str, data: str, out: str) -> str:
+def reproduce_command(config, model: str, data: str, out: str, tuning_source: str | None = None) -> str:
     parts = ["slimformer", "search", "--model", model, "--data", data, "--objective", config.objective,
              "--budget", config.budget, "--trials", str(config.trials), "--seed", str(config.seed), "--out", out]
     if config.time_budget_s:
         parts += ["--time-budget", f"{int(config.time_budget_s)}s"]
     if config.confidence is not None:
         parts += ["--confidence", f"{config.confidence:g}"]
+    if tuning_source not in (None, "carved from train"):
+        parts += ["--tuning-split", "dev"]
     for student in config.students:
         parts += ["--student", student]
     return shlex.join(parts)
@@ -235,7 +237,8 @@ def write_report(out: Path, summary: dict[str, Any], config, *, model: str) -> P
     students = summary.get("students") or {}
     given = "".join([" Students given, used instead of distilling at their depths: ",
                      ", ".join(f"depth {d} `{p}`" for d, p in sorted(students.items())), "."]) if students else ""
-    cmd = reproduce_command(config, model, summary["task"]["source"].rsplit("/", 1)[0], summary["out"])
+    cmd = reproduce_command(config, model, summary["task"]["source"].rsplit("/", 1)[0], summary["out"],
+                            summary["task"].get("tuning_source"))
     md = "\n\n".join([
         "# slimformer search report",
         f"Model `{model}`, task {summary['task']['type']}, data `{summary['task']['source']}`; objective "
@@ -248,7 +251,7 @@ def write_report(out: Path, summary: dict[str, Any], config, *, model: str) -> P
         _timing_note(summary),
         "![Pareto plot](pareto.png)",
         "## All candidates",
-        "Quality on the tuning split (carved from train); latency at batch "
+        f"Quality on the tuning split ({summary['task'].get('tuning_source', 'carved from train')}); latency at batch "
         f"{config.batch}, sequence {config.seq}, {config.threads or 'all'} threads, {config.runs} timed runs; "
         f"throughput at batch {config.throughput_batch}.",
         _md_table(cand_h, cand_r),
@@ -300,12 +303,14 @@ def deliver_best(chosen: Candidate, best: Path, task, confirmation: dict[str, An
         record["measurements"] = {k: vars(v) for k, v in chosen.measurements.items()}
         record["search"] = {"params": chosen.params, "confirmation": confirmation}
         models.write_record(tmp, record)
-        (tmp / "README.md").write_text(model_card(chosen, confirmation, config, model=model, data=data))
+        (tmp / "README.md").write_text(model_card(chosen, confirmation, config, model=model, data=data,
+                                                  tuning_source=task.describe().get("tuning_source")))
 
     return models.atomic_dir(best, write)
 
 
-def model_card(chosen: Candidate, confirmation: dict[str, Any], config, *, model: str, data: str) -> str:
+def model_card(chosen: Candidate, confirmation: dict[str, Any], config, *, model: str, data: str,
+               tuning_source: str | None = None) -> str:
     m = chosen.measurements
     hw = hardware()
     ev = confirmation.get("chosen", {})
@@ -335,7 +340,7 @@ def model_card(chosen: Candidate, confirmation: dict[str, Any], config, *, model
         "Reproduce:",
         "",
         "```bash",
-        reproduce_command(config, model, data.rsplit("/", 1)[0], "runs/search"),
+        reproduce_command(config, model, data.rsplit("/", 1)[0], "runs/search", tuning_source),
         "```",
     ]
     return "\n".join(x for x in lines if x is not None) + "\n"

@@ -64,6 +64,8 @@ def test_finetune_evaluate_measure_round_trip(tmp_path, tiny_folder, monkeypatch
         (lambda t, m: ["evaluate", "--model", str(m), "--data", str(t / "ner"), "--task", "token-classification"],
          "was trained for sequence-classification"),
         (lambda t, m: ["evaluate", "--model", str(m), "--data", str(t / "three")], "has a head for 2 labels"),
+        (lambda t, m: ["evaluate", "--model", str(m), "--data", str(t / "sst"), "--tuning-split", "dev"],
+         "the dev file is the eval split here"),
     ],
 )
 def test_bad_input_is_one_line_without_traceback(tmp_path, tiny_folder, monkeypatch, capsys, make_args, message):

@@ -302,3 +302,33 @@ def test_repeated_sentences_land_on_one_side(tmp_path):
     assert group is not None
     train, tune = _carve_sentences(ex, group, 0.1, 2000, seed=0)
     assert not {e["text"] for e in tune} & {e["text"] for e in train}
+
+
+def test_tuning_split_from_the_dev_file(tmp_path):
+    d = tmp_path / "d"
+    _write(d / "train.txt", _conll_text(DOC_SIZES))
+    _write(d / "dev.txt", _conll_text((3, 2)))
+    _write(d / "test.txt", _conll_text((2,)))
+    carved = load_task_data(d, tuning_fraction=0.2)
+    td = load_task_data(d, tuning_fraction=0.2, tuning_split="dev")
+    assert len(td.train) == sum(DOC_SIZES) and len(td.tuning) == 5 and len(td.eval) == 2  # all of train
+    assert td.describe()["tuning_source"].endswith("dev.txt") and td.eval_source.endswith("test.txt")
+    assert carved.describe()["tuning_source"] == "carved from train"
+    assert td.tuning_fingerprint() != carved.tuning_fingerprint()  # models trained either way are told apart
+    assert load_task_data(d, tuning_fraction=0.2, tuning_split="carve").tuning == carved.tuning
+
+
+def test_tuning_split_from_dev_refuses_what_cannot_work(tmp_path):
+    d = tmp_path / "d"
+    _write(d / "train.txt", _conll_text(DOC_SIZES))
+    _write(d / "dev.txt", _conll_text((3,)))
+    with pytest.raises(SlimformerError, match="dev file is the eval split"):
+        load_task_data(d, tuning_split="dev")  # no test file: dev is scored, so it cannot also tune
+    with pytest.raises(SlimformerError, match="unknown tuning split 'test'"):
+        load_task_data(d, tuning_split="test")
+    _write(d / "test.txt", _conll_text((2,)))
+    (d / "dev.txt").unlink()
+    with pytest.raises(SlimformerError, match="no dev file to tune on"):
+        load_task_data(d, tuning_split="dev")
+    with pytest.raises(SlimformerError, match="needs a data folder"):
+        load_task_data("org/some-dataset", tuning_split="dev")
