@@ -62,12 +62,28 @@ def predict(runner: Runner, features: list[dict[str, Any]], batch_size: int = 64
     return out  # type: ignore[return-value]
 
 
-def _bootstrap(stat: Callable[[np.ndarray], float], n: int, rounds: int, seed: int) -> list[float]:
+def _bootstrap(stat: Callable[[np.ndarray], float], n: int, rounds: int, seed: int,
+               percentiles: Sequence[float] = (2.5, 97.5)) -> list[float]:
+    """Percentiles of ``stat`` over ``rounds`` resamples (with replacement) of ``n`` example indices."""
     if n == 0 or rounds <= 0:
-        return [float("nan"), float("nan")]
+        return [float("nan")] * len(percentiles)
     rng = np.random.default_rng(seed)
     values = [stat(rng.integers(0, n, n)) for _ in range(rounds)]
-    return [float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))]
+    return [float(np.percentile(values, q)) for q in percentiles]
+
+
+def _unit_metric(units: np.ndarray, metric: str) -> Callable[[np.ndarray], float]:
+    """The metric of a resample (an index vector) from per-example units: accuracy from 0/1 correctness;
+    entity F1 from (true positives, predicted entities, gold entities) per sentence; perplexity from
+    (summed nll, scored tokens) per window."""
+    if metric == "accuracy":
+        return lambda idx: float(units[idx].mean())
+    if metric == "f1":
+        def f1(idx: np.ndarray) -> float:
+            t, p, g = units[idx].sum(axis=0)
+            return 0.0 if t == 0 else float(2 * t / (p + g))
+        return f1
+    return lambda idx: math.exp(units[idx, 0].sum() / max(1, units[idx, 1].sum()))
 
 
 def evaluate(
@@ -103,11 +119,12 @@ def evaluate(
         gold = np.array([f["labels"] for f in features])
         k = task.num_labels or int(max(gold.max(), pred.max()) + 1)
         scores = classification_scores(pred, gold, k)
-        ci = _bootstrap(lambda idx: float((pred[idx] == gold[idx]).mean()), len(gold), bootstrap, seed)
+        correct = (pred == gold).astype(int)
+        ci = _bootstrap(_unit_metric(correct, "accuracy"), len(gold), bootstrap, seed)
         result = {"metric": "accuracy", "value": scores["accuracy"], "ci95": ci, "n": len(gold), "split": split,
                   "scores": scores}
         if units:
-            result["units"] = (pred == gold).astype(int).tolist()
+            result["units"] = correct.tolist()
         return result
 
     # Token classification: a word's prediction is the label of its first sub-word; words cut off by
@@ -124,17 +141,12 @@ def evaluate(
         gold_tags.append(list(ex["tags"]))
         pred_tags.append(words)
     scores = entity_scores(gold_tags, pred_tags)
-    tp, n_pred, n_gold = _entity_counts(gold_tags, pred_tags)
-
-    def f1(idx: np.ndarray) -> float:
-        t, p, g = tp[idx].sum(), n_pred[idx].sum(), n_gold[idx].sum()
-        return 0.0 if t == 0 else float(2 * t / (p + g))
-
-    ci = _bootstrap(f1, len(tp), bootstrap, seed)
+    counts = np.stack(_entity_counts(gold_tags, pred_tags), axis=1)  # per sentence: tp, predicted, gold
+    ci = _bootstrap(_unit_metric(counts, "f1"), len(counts), bootstrap, seed)
     result = {"metric": "f1", "value": scores["f1"], "ci95": ci, "n": len(gold_tags), "split": split,
               "scores": scores}
     if units:
-        result["units"] = np.stack([tp, n_pred, n_gold], axis=1).tolist()
+        result["units"] = counts.tolist()
     return result
 
 
@@ -195,13 +207,13 @@ def perplexity(runner: Runner, tokenizer, examples: list[dict[str, Any]], *, max
                 window_nll[w] = float(scored.sum())
                 token_nll.append(scored)
                 window_count[w] = int(scored.shape[0])
-    nll_arr, cnt_arr = np.array(window_nll), np.array(window_count)
+    per_window = np.stack([np.array(window_nll), np.array(window_count)], axis=1)  # summed nll, tokens
+    nll_arr, cnt_arr = per_window[:, 0], per_window[:, 1]
     mean_nll = float(nll_arr.sum() / cnt_arr.sum())
     ppl = math.exp(mean_nll)
     if len(windows) >= MIN_CI_WINDOWS:
         ci_unit = "windows"
-        ci = _bootstrap(lambda idx: math.exp(nll_arr[idx].sum() / max(1, cnt_arr[idx].sum())), len(nll_arr),
-                        bootstrap, seed)
+        ci = _bootstrap(_unit_metric(per_window, "perplexity"), len(per_window), bootstrap, seed)
     else:  # tokens of one text are correlated, so this interval is, if anything, too narrow
         ci_unit = "tokens"
         tok_arr = torch.cat(token_nll).double().numpy()
@@ -209,20 +221,7 @@ def perplexity(runner: Runner, tokenizer, examples: list[dict[str, Any]], *, max
     return {"metric": "perplexity", "value": ppl, "ci95": ci, "n": int(cnt_arr.sum()), "split": split,
             "scores": {"perplexity": ppl, "nll_per_token": mean_nll, "windows": len(windows),
                        "max_length": max_length, "stride": stride, "ci_resamples": ci_unit},
-            "units": np.stack([nll_arr, cnt_arr], axis=1).tolist() if ci_unit == "windows" else None}
-
-
-def _drop_statistic(units: np.ndarray, metric: str) -> Callable[[np.ndarray], np.ndarray]:
-    """Metric of each resample (rows of an index matrix) from per-example units."""
-    if metric == "accuracy":
-        return lambda idx: units[idx].mean(axis=1)
-    if metric == "f1":  # units: (true positives, predicted entities, gold entities) per sentence
-        def f1(idx: np.ndarray) -> np.ndarray:
-            sums = units[idx].sum(axis=1)
-            return np.where(sums[:, 0] > 0, 2 * sums[:, 0] / np.maximum(1, sums[:, 1] + sums[:, 2]), 0.0)
-        return f1
-    # perplexity; units: (summed nll, scored tokens) per window
-    return lambda idx: np.exp(units[idx, 0].sum(axis=1) / np.maximum(1, units[idx, 1].sum(axis=1)))
+            "units": per_window.tolist() if ci_unit == "windows" else None}
 
 
 def paired_drop_quantiles(base: dict[str, Any], cand: dict[str, Any], quantiles: Sequence[float], *,
@@ -236,16 +235,14 @@ def paired_drop_quantiles(base: dict[str, Any], cand: dict[str, Any], quantiles:
     if bu is None or cu is None or len(bu) != len(cu) or not bu or base["metric"] != cand["metric"]:
         return None
     metric = base["metric"]
-    b_stat, c_stat = _drop_statistic(np.asarray(bu, float), metric), _drop_statistic(np.asarray(cu, float), metric)
-    rng = np.random.default_rng(seed)
-    drops: list[np.ndarray] = []
-    done = 0
-    while done < rounds:  # in chunks: an index matrix of 2000 x 3000 examples is 48 MB
-        idx = rng.integers(0, len(bu), (min(250, rounds - done), len(bu)))
-        b, c = b_stat(idx), c_stat(idx)
-        drops.append(100 * (c / b - 1) if metric == "perplexity" else 100 * (b - c))
-        done += len(idx)
-    return [float(q) for q in np.quantile(np.concatenate(drops), list(quantiles))]
+    b, c = _unit_metric(np.asarray(bu, float), metric), _unit_metric(np.asarray(cu, float), metric)
+    if metric == "perplexity":
+        def drop(idx: np.ndarray) -> float:
+            return 100 * (c(idx) / b(idx) - 1)
+    else:
+        def drop(idx: np.ndarray) -> float:
+            return 100 * (b(idx) - c(idx))
+    return _bootstrap(drop, len(bu), rounds, seed, [100 * q for q in quantiles])
 
 
 def paired_drop_bound(base: dict[str, Any], cand: dict[str, Any], confidence: float, *, rounds: int = 2000,

@@ -310,11 +310,7 @@ def _tuning_quality(out: Path, name: str, path: Path, task: TaskData, threads: i
     """Quality on the tuning split; the per-example units go to ``units/<name>.json`` beside the study (kept
     out of the study itself, they are thousands of numbers) for paired bounds at the end."""
     quality = _quality(path, task, "tuning", 200, threads, units=True)
-    units = out / "units" / f"{name}.json"
-    units.parent.mkdir(exist_ok=True)
-    tmp = units.with_suffix(".tmp")
-    tmp.write_text(json.dumps(quality.pop("units", None)))
-    os.replace(tmp, units)
+    _json_dump(out / "units" / f"{name}.json", quality.pop("units", None), indent=None)
     return quality
 
 
@@ -453,9 +449,11 @@ def param_key(p: dict[str, Any]) -> str:
     return f"d{p['depth']}-h{_fmt(p['heads'])}-f{_fmt(p['ffn'])}-v{int(p['vocab'])}-{p['precision']}"
 
 
-def _json_dump(path: Path, obj: Any) -> None:
+def _json_dump(path: Path, obj: Any, indent: int | None = 2) -> None:
+    """Write ``obj`` as JSON atomically (a temporary sibling renamed into place), creating the folder."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    tmp.write_text(json.dumps(obj, indent=indent, default=str))
     os.replace(tmp, path)
 
 
