@@ -633,17 +633,23 @@ def reference_params(n_layers: int) -> list[dict[str, Any]]:
 
 
 def seed_params(space: SearchSpace, n_layers: int, student_depths: Sequence[int] = ()) -> list[dict[str, Any]]:
-    """A few promising points tried early, then the sampler explores: the most pruned point in each ONNX
-    Runtime integer precision, at the depth of each given student (the user made them to be tried) or else
-    at the middle searched depth."""
+    """A few promising points tried early, then the sampler explores. At the depth of each given student (the
+    user made them to be tried), or else at the middle searched depth, in each ONNX Runtime integer precision:
+    first the least pruned point (cheap: no pruning and no recovery training, and often the safest under a
+    quality budget), then the most pruned one (the largest gain, if its quality holds)."""
     depths = space.resolved_depths(n_layers)
     seed_depths = sorted(set(student_depths)) or [depths[len(depths) // 2]]
-    out = []
-    for depth in seed_depths:
-        for prec in (Precision.ORT_STATIC_INT8, Precision.ORT_INT8, Precision.ORT_INT8_EMB4):
-            if prec in space.precisions:
-                out.append({"depth": depth, "heads": max(space.heads), "ffn": max(space.ffn),
-                            "vocab": True in space.vocab, "precision": prec.value})
+    precisions = [p for p in (Precision.ORT_STATIC_INT8, Precision.ORT_INT8, Precision.ORT_INT8_EMB4)
+                  if p in space.precisions]
+    least = {"heads": min(space.heads), "ffn": min(space.ffn), "vocab": False not in space.vocab}
+    most = {"heads": max(space.heads), "ffn": max(space.ffn), "vocab": True in space.vocab}
+    out: list[dict[str, Any]] = []
+    for cut in (least, most):
+        for depth in seed_depths:
+            for prec in precisions:
+                point = {"depth": depth, **cut, "precision": prec.value}
+                if point not in out:
+                    out.append(point)
     return out
 
 

@@ -262,9 +262,15 @@ def test_seeds_sit_at_the_given_students_depths():
                                                                         "ort-dynamic-int8-emb4"])
     assert {p["depth"] for p in seed_params(space, 6)} == {3}  # no students: the middle of 6, 4, 3, 2
     seeds = seed_params(space, 6, [4, 3])
-    assert sorted((p["depth"], p["precision"]) for p in seeds) == [
-        (3, "ort-dynamic-int8"), (3, "ort-dynamic-int8-emb4"), (4, "ort-dynamic-int8"), (4, "ort-dynamic-int8-emb4")]
-    assert all(p["heads"] == 0.5 and p["ffn"] == 0.75 and p["vocab"] for p in seeds)
+    precs = ["ort-dynamic-int8", "ort-dynamic-int8-emb4"]
+    assert [(p["depth"], p["precision"]) for p in seeds] == [(d, q) for d in (3, 4) for q in precs] * 2
+    # The unpruned students come first (cheap, and the safest under a quality budget), then the most pruned.
+    assert all(p["heads"] == 0.0 and p["ffn"] == 0.0 and not p["vocab"] for p in seeds[:4])
+    assert all(p["heads"] == 0.5 and p["ffn"] == 0.75 and p["vocab"] for p in seeds[4:])
+    # A space with one cut only seeds it once.
+    flat = SearchSpace(heads=[0.25], ffn=[0.5], vocab=[True], precisions=["ort-dynamic-int8"])
+    assert seed_params(flat, 6, [3]) == [{"depth": 3, "heads": 0.25, "ffn": 0.5, "vocab": True,
+                                          "precision": "ort-dynamic-int8"}]
 
 
 def test_model_trained_with_another_tuning_split_is_refused(setup):
