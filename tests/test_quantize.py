@@ -110,7 +110,7 @@ def test_ort_scheme_writes_an_onnx_folder_that_reloads_to_the_same_outputs(schem
     out = tmp_path / scheme
     assert is_onnx_folder(out) and not (out / "model.safetensors").exists()
     q = result["quantization"]
-    assert q["backend"] == "onnxruntime" and q["quantized_nodes"]["MatMul"] == 12  # 6 Linear x 2 layers
+    assert q["backend"] == "onnxruntime" and q["quantized_nodes"]["MatMul"] == 13  # 6 Linear x 2 layers + pooler
     assert q["quantized_nodes"]["Gather"] >= 1 and q["embeddings"] == "int8 (Gather)"
     assert folder_size(out) < 0.3 * folder_size(fp32_dir)
     assert result["quality"]["n"] == len(task.eval)
@@ -120,7 +120,10 @@ def test_ort_scheme_writes_an_onnx_folder_that_reloads_to_the_same_outputs(schem
     reference = _LogitsOnly(fp32.model, names)(*[batch[k] for k in names])
     runner, _ = load_runner(out, task)
     got = runner(batch)
-    assert sqnr_db(reference, got) > 20
+    # Static also rounds the pooler's input to a range calibrated on 8 examples of a random model (18 dB here);
+    # on a real 3-layer SST-2 student that pooler in int8 changed neither tuning accuracy nor the largest logit
+    # difference (0.880 and 0.091 against 0.880 and 0.090 with the pooler in fp32).
+    assert sqnr_db(reference, got) > (20 if scheme == "ort-dynamic-int8" else 15)
     # The reloaded folder gives the outputs measured when it was written (same check batches, same diff).
     from slimformer.export import _check_batches, check_onnx
 
@@ -131,6 +134,43 @@ def test_ort_scheme_writes_an_onnx_folder_that_reloads_to_the_same_outputs(schem
     if scheme == "ort-static-int8":
         assert q["calibration"]["examples"] == 8 and q["outlier_layers"]["policy"] == "dynamic"
         assert q["quantized_nodes"]["dynamic"] == 2  # the two FFN down-projections
+
+
+def test_gemms_become_matmuls_with_the_same_outputs():
+    import numpy as np
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from slimformer.stages.quantize import gemms_as_matmuls
+
+    rng = np.random.default_rng(0)
+    w, b, w2, w3 = (rng.standard_normal(s).astype(np.float32) for s in ((5, 4), (5,), (5, 5), (3, 5)))
+    graph = helper.make_graph(
+        [helper.make_node("Gemm", ["x", "w", "b"], ["h"], name="pooler", transB=1),  # a Linear: y = x W^T + b
+         helper.make_node("Gemm", ["h", "w2"], ["h2"], name="scaled", transB=1, alpha=2.0),  # not plain: kept
+         helper.make_node("Gemm", ["h2", "w3"], ["y"], name="head", transB=1)],  # writes the logits: kept
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 3])],
+        [numpy_helper.from_array(a, n) for a, n in ((w, "w"), (b, "b"), (w2, "w2"), (w3, "w3"))])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    x = rng.standard_normal((2, 4)).astype(np.float32)
+
+    def run(m):
+        return ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+
+    before = run(model)
+    assert gemms_as_matmuls(model) == 1
+    assert [n.op_type for n in model.graph.node] == ["MatMul", "Add", "Gemm", "Gemm"]
+    assert {t.name for t in model.graph.initializer} == {"w_as_matmul", "b", "w2", "w3"}  # no orphan left
+    np.testing.assert_allclose(run(model), before, rtol=1e-5, atol=1e-6)
+
+
+def test_int4_block_is_the_largest_that_divides_the_hidden_size():
+    from slimformer.stages.quantize import int4_embedding_block
+
+    assert [int4_embedding_block(h) for h in (384, 32, 48)] == [64, 32, 16]
+    with pytest.raises(SlimformerError, match="divisible by 16"):
+        int4_embedding_block(40)
 
 
 def test_ort_int4_token_table_is_block_quantized_smaller_and_close(fp32_dir, batch, tmp_path):
@@ -180,10 +220,10 @@ def test_fake_quant_linear_swaps_in_and_out():
     assert set(slim.model.state_dict()) == set(tiny_bert().model.state_dict())  # checkpoints keep their names
     _set_fake_quant(slim.model, False)
     assert type(slim.model.classifier) is nn.Linear and torch.equal(slim.model.classifier(x), plain)
-    # For ORT, Linear on 2-d input exports as Gemm, which ORT's dynamic quantizer leaves in fp32: no rounding.
+    # For ORT too: a Linear on 2-d input exports as Gemm, which quantize_onnx rewrites as an int8 MatMul (all but
+    # the head that writes the logits, which QAT rounds anyway: a little more noise in training than at run time).
     _set_fake_quant(slim.model, True, QatTarget.ORT_DYNAMIC_INT8)
-    assert torch.equal(slim.model.classifier(x), plain)
-    assert not torch.equal(slim.model.classifier(x[None]), plain[None])
+    assert not torch.equal(slim.model.classifier(x), plain)
 
 
 def test_fake_quant_simulates_the_real_dynamic_int8_kernel():
