@@ -357,3 +357,28 @@ def test_a_narrow_space_without_the_references_values_still_compares_with_them(s
     assert names == ["d1-h0p5-f0-v1-ort-dynamic-int8", "d2-h0-f0-v0-fp32", "d2-h0-f0-v0-ort-dynamic-int8"]
     assert summary["references"] == ["d2-h0-f0-v0-fp32", "d2-h0-f0-v0-ort-dynamic-int8"]
     assert summary["chosen"] is not None
+
+
+def test_a_sampler_that_keeps_repeating_itself_is_steered_to_unmeasured_points(setup, monkeypatch):
+    """A sampler that proposes one measured point forever (TPE comes close on small spaces) would stop the
+    search with points untried; after each repeat the search queues an unmeasured point instead."""
+    import random
+
+    from slimformer import search
+    from slimformer.search import unmeasured_point
+
+    root, teacher, data = setup
+    space = SearchSpace(**{**SPACE.model_dump(), "depths": [2], "heads": [0.0], "ffn": [0.0], "vocab": [False, True]})
+    stuck = {"depth": 2, "heads": 0.0, "ffn": 0.0, "vocab": False, "precision": "fp32"}  # the fp32 reference
+    monkeypatch.setattr(search, "_sampler", lambda *a, **k: optuna.samplers.PartialFixedSampler(
+        stuck, optuna.samplers.RandomSampler(seed=0)))
+    cfg = SearchConfig(trials=30, threads=1, space=space, fresh_process_measurement=False, budget="quality_drop<=100")
+    summary = run_search(str(teacher), load_task_data(data), cfg, root / "stuck", progress=False)
+    # Four points: the two references, the seeded vocabulary-pruned int8 and the one only exploration finds.
+    assert sorted(c["name"] for c in summary["candidates"]) == [
+        "d2-h0-f0-v0-fp32", "d2-h0-f0-v0-ort-dynamic-int8", "d2-h0-f0-v1-fp32", "d2-h0-f0-v1-ort-dynamic-int8"]
+
+    choices = {"depth": [2], "heads": [0.0], "ffn": [0.0, 0.5], "vocab": [True], "precision": ["fp32"]}
+    known = {"d2-h0-f0-v1-fp32"}
+    assert unmeasured_point(choices, known, random.Random(0)) == {**stuck, "ffn": 0.5, "vocab": True}
+    assert unmeasured_point(choices, known | {"d2-h0-f0p5-v1-fp32"}, random.Random(0)) is None
