@@ -117,10 +117,11 @@ def test_killed_search_resumes_without_losing_or_repeating_candidates(setup):
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     after = _completed(db)
-    assert set(before) <= set(after)  # nothing finished was lost
-    assert len(after) == len(set(after))  # nothing was measured twice
-    assert len(after) >= 6  # `--trials 6` counts distinct candidates, repeats of finished points do not use it up
-    assert (out / "report.md").exists()
+    # The lists go with each check: this test failed once under load, and its message said too little.
+    assert set(before) <= set(after), (before, after)  # nothing finished was lost
+    assert len(after) == len(set(after)), after  # nothing was measured twice
+    assert len(after) >= 6, after  # `--trials 6` counts distinct candidates; repeats of finished points do not
+    assert (out / "report.md").exists(), done.stdout[-2000:]
     assert param_key({"depth": 2, "heads": 0.0, "ffn": 0.0, "vocab": False, "precision": "fp32"}) in after
 
 
