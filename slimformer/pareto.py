@@ -171,18 +171,24 @@ def within_budget(c: Candidate, budget: Sequence[Constraint]) -> bool:
     return all(k.quantity in c.measurements and k.holds(c.value(k.quantity)) for k in budget)
 
 
-def choose(candidates: Sequence[Candidate], budget: Sequence[Constraint], objective: str) -> Candidate | None:
-    """The best candidate under the budget for one objective (ties broken by quality, then name)."""
+def choose(candidates: Sequence[Candidate], budget: Sequence[Constraint], objective: str,
+           tolerance: float = 0.0) -> Candidate | None:
+    """The best candidate under the budget for one objective. Candidates whose objective is within
+    ``tolerance`` (a fraction) of the best one's count as tied, so that timing noise does not decide between
+    them; ties go to better quality, then smaller size, then the better objective, then the name."""
     goal = goal_of(objective)
     ok = [c for c in candidates if within_budget(c, budget) and objective in c.measurements]
     if not ok:
         return None
     sign = 1 if goal == "min" else -1
+    best = min(sign * c.value(objective) for c in ok)
+    tied = [c for c in ok if sign * c.value(objective) - best <= tolerance * abs(best)]
 
     def key(c: Candidate):
         quality = c.measurements.get("quality")
         # Better quality first: higher accuracy, lower perplexity.
         q = 0.0 if quality is None else (quality.value if quality.goal == "min" else -quality.value)
-        return (sign * c.value(objective), q, c.name)
+        size = c.value("size_mb") if "size_mb" in c.measurements else math.inf
+        return (q, size, sign * c.value(objective), c.name)
 
-    return min(ok, key=key)
+    return min(tied, key=key)

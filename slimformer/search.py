@@ -156,6 +156,10 @@ class SearchConfig(BaseModel):
                                                  "drop: a candidate qualifies when the upper bound of its drop (a "
                                                  "paired bootstrap against the baseline on the tuning split) is "
                                                  "within the budget; e.g. 0.9. None: the measured drop")
+    tie_tolerance: float = Field(0.03, ge=0.0, lt=0.5,
+                                 description="candidates under the budget whose objective is within this fraction "
+                                             "of the best one's count as tied (latency varies by a few percent "
+                                             "between timings); ties go to better tuning quality, then smaller size")
     space: SearchSpace = Field(default_factory=SearchSpace, description="what to combine")
     students: list[str] = Field([], description="folders of students distilled already (slimformer distill), at "
                                                 "most one per depth: used as they are instead of distilling one "
@@ -906,7 +910,7 @@ def _measured_here(candidates: list[Candidate], budget: list[Constraint], object
     cands = {c.name: c for c in candidates}
     while True:
         current = list(cands.values())
-        chosen = choose(current, budget, objective_q)
+        chosen = choose(current, budget, objective_q, config.tie_tolerance)
         deciding = pareto_front(current, [objective_q, "quality"]) + ([chosen] if chosen else [])
         todo = {c.name: c for c in deciding if not distributed.same_host(c.params.get("measured_on"))}
         if not todo:
@@ -962,7 +966,7 @@ def finish(study, out: Path, task: TaskData, config: SearchConfig, budget: list[
     candidates = _measured_here(candidates, choice_budget, objective_q, config, baseline, ref_names[0], task.type,
                                 log=log)
     front = pareto_front(candidates, [objective_q, "quality"])
-    chosen = choose(candidates, choice_budget, objective_q)
+    chosen = choose(candidates, choice_budget, objective_q, config.tie_tolerance)
     references = [c for c in candidates if c.name in ref_names]
 
     confirmation: dict[str, Any] = {}

@@ -81,6 +81,24 @@ def test_choose_best_under_budget():
     assert choose(cs, parse_budget("accuracy_drop<=0.1,latency_ms<=5"), "latency_ms") is None
 
 
+def test_choice_treats_objectives_within_the_tolerance_as_ties():
+    cs = [
+        cand("fastest", latency_ms=6.00, accuracy_drop=1.0, quality=0.884, size_mb=9.9),
+        cand("smaller", latency_ms=6.01, accuracy_drop=0.6, quality=0.888, size_mb=7.9),  # 0.2% slower
+        cand("small_far", latency_ms=6.50, accuracy_drop=0.0, quality=0.894, size_mb=5.0),  # 8% slower
+        cand("same_q", latency_ms=6.10, accuracy_drop=0.6, quality=0.888, size_mb=7.0),  # 1.7% slower, smaller
+    ]
+    budget = parse_budget("accuracy_drop<=1.0")
+    assert choose(cs, budget, "latency_ms").name == "fastest"  # no tolerance: the measured best
+    # Within 3%: better quality first (0.888 over 0.884), then smaller size (7.0 over 7.9 MB); 6.50 is out.
+    assert choose(cs, budget, "latency_ms", tolerance=0.03).name == "same_q"
+    assert choose(cs, budget, "latency_ms", tolerance=0.1).name == "small_far"
+    # For an objective to maximise, the tolerance counts below the best.
+    tp = [cand("a", throughput=100.0, quality=0.88), cand("b", throughput=98.0, quality=0.89)]
+    assert choose(tp, [], "throughput", tolerance=0.03).name == "b"
+    assert choose(tp, [], "throughput").name == "a"
+
+
 def test_candidate_round_trips_through_dict():
     c = Candidate("x", params={"depth": 3}, path="/p", measurements={"latency_ms": measurement("latency_ms", 2.5)})
     assert Candidate.from_dict(c.to_dict()) == c
