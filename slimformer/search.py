@@ -455,6 +455,9 @@ def param_key(p: dict[str, Any]) -> str:
     return f"d{p['depth']}-h{_fmt(p['heads'])}-f{_fmt(p['ffn'])}-v{int(p['vocab'])}-{p['precision']}"
 
 
+ELAPSED = "elapsed.json"  # the search's seconds over all its runs, updated before each trial
+
+
 def _json_dump(path: Path, obj: Any, indent: int | None = 2) -> None:
     """Write ``obj`` as JSON atomically (a temporary sibling renamed into place), creating the folder."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -731,6 +734,7 @@ def run_search(model: str, task: TaskData, config: SearchConfig, out: str | os.P
     out = models.check_out_dir(out)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
+    earlier_s = json.loads((out / ELAPSED).read_text())["seconds"] if (out / ELAPSED).exists() else 0.0
     threads = config.threads or torch.get_num_threads()
     torch.set_num_threads(threads)
     teacher_path = prepare_teacher(model, task, config, out, progress, log=log)
@@ -835,6 +839,8 @@ def run_search(model: str, task: TaskData, config: SearchConfig, out: str | os.P
     space_size = math.prod(len(v) for v in space_lists.values()) + sum(
         any(r[k] not in space_lists[k] for k in space_lists) for r in reference_params(n_layers))
     while True:
+        if not worker:
+            _json_dump(out / ELAPSED, {"seconds": earlier_s + time.time() - t_start})
         # `trials` counts distinct measured candidates: a sampler that proposes a finished point again gets
         # its numbers back for free, and that repeat does not use up the budget. A sampler that keeps
         # proposing known points (a small space, nearly exhausted) is stopped after a bounded number of tries.
@@ -866,7 +872,12 @@ def run_search(model: str, task: TaskData, config: SearchConfig, out: str | os.P
 
     if worker:
         return {"out": str(out), "trials": len(study.trials)}
-    return finish(study, out, task, config, budget, baseline, teacher_path, threads, time.time() - t_start,
+    # The summary counts the search's time over every run of it (a killed and resumed search, or one run
+    # again to finish with other settings), not only this run's: a resumed search that found every point
+    # measured would otherwise say it took no time.
+    seconds = earlier_s + time.time() - t_start
+    _json_dump(out / ELAPSED, {"seconds": seconds})
+    return finish(study, out, task, config, budget, baseline, teacher_path, threads, seconds,
                   model=model, log=log, students=students)
 
 

@@ -104,7 +104,7 @@ def test_killed_search_resumes_without_losing_or_repeating_candidates(setup):
     while time.time() < deadline:
         if db.exists():
             try:
-                if len(_completed(db)) >= 2:
+                if len(_completed(db)) >= 2 and (out / "elapsed.json").exists():
                     break
             except Exception:
                 pass
@@ -113,6 +113,7 @@ def test_killed_search_resumes_without_losing_or_repeating_candidates(setup):
     proc.wait()
     before = _completed(db)
     assert len(before) >= 2, "the search did not finish two candidates before the kill"
+    spent = json.loads((out / "elapsed.json").read_text())["seconds"]  # written before each trial
     assert not (out / "report.md").exists()
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -122,6 +123,8 @@ def test_killed_search_resumes_without_losing_or_repeating_candidates(setup):
     assert len(after) == len(set(after)), after  # nothing was measured twice
     assert len(after) >= 6, after  # `--trials 6` counts distinct candidates; repeats of finished points do not
     assert (out / "report.md").exists(), done.stdout[-2000:]
+    # The summary counts both runs' time, not only the second's.
+    assert json.loads((out / "summary.json").read_text())["seconds"] > spent > 0
     assert param_key({"depth": 2, "heads": 0.0, "ffn": 0.0, "vocab": False, "precision": "fp32"}) in after
 
 
