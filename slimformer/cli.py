@@ -396,6 +396,9 @@ def search(
     confidence: Annotated[float | None, typer.Option(
         help="hold quality-drop limits at this confidence (e.g. 0.9): a candidate qualifies when the upper bound "
              "of its drop, a paired bootstrap on the tuning split, is within the budget")] = None,
+    tie_tolerance: Annotated[float, typer.Option(
+        help="candidates within this fraction of the best objective count as tied (timing noise); ties go to "
+             "better tuning quality, then smaller size")] = 0.03,
     trials: Annotated[int, typer.Option(help="candidates to evaluate (references included)")] = 30,
     time_budget: Annotated[str | None, typer.Option("--time-budget", help="stop new candidates after e.g. 45m")] = None,
     strategy: Annotated[str, typer.Option(help="tpe | nsga2 | random | grid")] = "tpe",
@@ -426,7 +429,8 @@ def search(
 
     parse_budget(budget.replace("quality_drop", "accuracy_drop"))  # fail on a bad budget before any work
     space_cfg = SearchSpace.from_yaml(space) if space is not None else SearchSpace()
-    cfg = _config(SearchConfig, objective=objective, budget=budget, confidence=confidence, trials=trials,
+    cfg = _config(SearchConfig, objective=objective, budget=budget, confidence=confidence,
+                  tie_tolerance=tie_tolerance, trials=trials,
                   time_budget_s=_seconds(time_budget), strategy=strategy, storage=storage, batch=batch, seq=seq,
                   threads=threads, seed=seed, students=[str(p) for p in student] if student else None,
                   space=space_cfg)

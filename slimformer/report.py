@@ -211,6 +211,8 @@ def reproduce_command(config, model: str, data: str, out: str, tuning_source: st
         parts += ["--time-budget", f"{int(config.time_budget_s)}s"]
     if config.confidence is not None:
         parts += ["--confidence", f"{config.confidence:g}"]
+    if config.tie_tolerance != type(config).model_fields["tie_tolerance"].default:
+        parts += ["--tie-tolerance", f"{config.tie_tolerance:g}"]
     if tuning_source not in (None, "carved from train"):
         parts += ["--tuning-split", "dev"]
     for student in config.students:

@@ -386,3 +386,17 @@ def test_a_sampler_that_keeps_repeating_itself_is_steered_to_unmeasured_points(s
     known = {"d2-h0-f0-v1-fp32"}
     assert unmeasured_point(choices, known, random.Random(0)) == {**stuck, "ffn": 0.5, "vocab": True}
     assert unmeasured_point(choices, known | {"d2-h0-f0p5-v1-fp32"}, random.Random(0)) is None
+
+
+def test_reproduce_command_carries_the_settings_that_change_the_choice():
+    import shlex
+
+    from slimformer.report import reproduce_command
+
+    plain = shlex.split(reproduce_command(SearchConfig(), "minilm", "data/sst2", "runs/s"))
+    assert "--confidence" not in plain and "--tie-tolerance" not in plain and "--tuning-split" not in plain
+    cfg = SearchConfig(confidence=0.9, tie_tolerance=0.0, time_budget_s=1800, students=["runs/kd3"])
+    cmd = shlex.split(reproduce_command(cfg, "minilm", "data/sst2", "runs/s", tuning_source="the dev file"))
+    for flag, value in (("--confidence", "0.9"), ("--tie-tolerance", "0"), ("--time-budget", "1800s"),
+                        ("--student", "runs/kd3"), ("--tuning-split", "dev")):
+        assert cmd[cmd.index(flag) + 1] == value
