@@ -15,6 +15,7 @@ from typing import Any
 from slimformer import models
 from slimformer.measure import hardware
 from slimformer.pareto import Candidate
+from slimformer.tasks import CARVED
 
 COLUMNS = [("quality", "quality (tuning)", "{:.4f}"), ("quality_drop", "drop (pts)", "{:+.2f}"),
            ("latency_ms", "p50 ms", "{:.2f}"), ("speedup", "speed-up", "{:.2f}x"),
@@ -213,7 +214,7 @@ def reproduce_command(config, model: str, data: str, out: str, tuning_source: st
         parts += ["--confidence", f"{config.confidence:g}"]
     if config.tie_tolerance != type(config).model_fields["tie_tolerance"].default:
         parts += ["--tie-tolerance", f"{config.tie_tolerance:g}"]
-    if tuning_source not in (None, "carved from train"):
+    if tuning_source not in (None, CARVED):
         parts += ["--tuning-split", "dev"]
     for student in config.students:
         parts += ["--student", student]
@@ -253,7 +254,7 @@ def write_report(out: Path, summary: dict[str, Any], config, *, model: str) -> P
         _timing_note(summary),
         "![Pareto plot](pareto.png)",
         "## All candidates",
-        f"Quality on the tuning split ({summary['task'].get('tuning_source', 'carved from train')}); latency at batch "
+        f"Quality on the tuning split ({summary['task'].get('tuning_source', CARVED)}); latency at batch "
         f"{config.batch}, sequence {config.seq}, {config.threads or 'all'} threads, {config.runs} timed runs; "
         f"throughput at batch {config.throughput_batch}.",
         _md_table(cand_h, cand_r),

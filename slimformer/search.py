@@ -677,7 +677,7 @@ def _known_keys(study) -> set[str]:
 
     queued = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,))
     fixed = [t.system_attrs.get("fixed_params") or {} for t in queued]
-    return {c.name for c in collect(study)} | {param_key(p) for p in fixed if len(p) == 5}
+    return {c.name for c in collect(study)} | {param_key(p) for p in fixed if p}
 
 
 def _owner() -> dict[str, Any]:

@@ -58,6 +58,9 @@ SPLIT_FILES = {
 TABLE_SUFFIXES = (".tsv", ".csv", ".jsonl")
 
 
+
+CARVED = "carved from train"  # the tuning source when the tuning split is carved from train, not a file
+
 @dataclass
 class TaskData:
     """Examples of one task, split three ways, plus what the model head needs to know."""
@@ -94,7 +97,7 @@ class TaskData:
             "label_names": self.label_names,
             "sizes": {"train": len(self.train), "tuning": len(self.tuning), "eval": len(self.eval)},
             "tuning_fingerprint": self.tuning_fingerprint(),
-            "tuning_source": self.extra.get("tuning_source", "carved from train"),
+            "tuning_source": self.extra.get("tuning_source", CARVED),
         }
 
 
@@ -577,7 +580,7 @@ def load_task_data(
         type=task, train=train, tuning=tuning, eval=eval_examples, label_names=label_names,
         source=str(files["train"]), eval_source=str(files[eval_key]) if eval_key else "carved from train",
         extra={"tuning_fingerprint": carved,
-               "tuning_source": str(files["dev"]) if from_dev else "carved from train"},
+               "tuning_source": str(files["dev"]) if from_dev else CARVED},
     )
 
 
